@@ -1,0 +1,274 @@
+#!/usr/bin/env python
+"""Throughput benchmark of a visrep_jax model on synthetic data, optionally against timm.
+
+  python scripts/benchmark.py --model=deit3_small_patch16_224 --batch_size=32 --resolution=224 \
+      --vs-timm
+
+Reports, for JAX (and with ``--vs-timm`` for the equivalent timm model in PyTorch, timed in the
+same process and interleaved with JAX so that background load affects both alike):
+  * training images/s: one jitted step = forward + backward + AdamW update, softmax CE,
+    parameters and optimizer state donated;
+  * inference images/s: jitted forward in eval mode;
+  * model FLOPs from XLA's cost analysis of the compiled forward (and train step);
+  * MFU against a float32 matmul peak measured on this machine.
+Each figure is the median over ``--repeats`` timed windows of ``--steps`` steps.
+
+TensorFlow is never imported (it is blocked below, so a transitive import fails loudly);
+torch is imported only with ``--vs-timm``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+# Make the repository importable when run as `python scripts/benchmark.py` without installing.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Must run on hosts with JAX but without TensorFlow: make any (transitive) TF import fail here.
+sys.modules.setdefault("tensorflow", None)  # type: ignore[arg-type]
+
+from visrep_jax.utils import xla as xla_utils  # noqa: E402  (no jax import)
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--model", default="deit3_small_patch16_224")
+  p.add_argument("--batch_size", "--batch-size", type=int, default=32)
+  p.add_argument("--resolution", type=int, default=None, help="default: the model's img_size")
+  p.add_argument("--steps", type=int, default=5, help="steps per timed window")
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+  p.add_argument("--repeats", type=int, default=3, help="timed windows; the median is reported")
+  p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+  p.add_argument("--vs-timm", "--vs_timm", dest="vs_timm", action="store_true",
+                 help="also time the timm model in PyTorch and print JAX/timm ratios")
+  p.add_argument("--timm_model", default=None, help="timm name if it differs from --model")
+  p.add_argument("--no-train", dest="train", action="store_false")
+  p.add_argument("--no-infer", dest="infer", action="store_false")
+  p.add_argument("--no-cpu-flags", dest="cpu_flags", action="store_false",
+                 help="do not apply visrep_jax.utils.xla.set_cpu_flags() (for comparison)")
+  p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+  p.add_argument("--lr", type=float, default=1e-3)
+  p.add_argument("--weight_decay", type=float, default=0.05)
+  return p.parse_args(argv)
+
+
+ARGS = parse_args()
+if ARGS.cpu_flags:
+  xla_utils.set_cpu_flags()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from visrep_jax import models  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------
+# JAX
+# ---------------------------------------------------------------------------------------------
+
+def make_jax_train_step(model, tx):
+  """Returns ``step(state, images, labels, rng) -> (state, loss)``, jitted, state donated.
+
+  ``state`` is ``{'params': ..., 'opt_state': ...}``. Kept as one self-contained builder so that
+  the framework trainer's step can be dropped in instead.
+  """
+
+  def loss_fn(params, images, labels, rng):
+    logits, _ = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  def step(state, images, labels, rng):
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"], images, labels, rng)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    return {"params": params, "opt_state": opt_state}, loss
+
+  # Donating the state lets XLA update parameters and Adam moments in place: no second copy of
+  # ~3x the parameter bytes per step.
+  return jax.jit(step, donate_argnums=(0,))
+
+
+def make_jax_infer(model):
+  return jax.jit(lambda params, images: model.apply({"params": params}, images, train=False)[0])
+
+
+def cost_flops(compiled) -> float:
+  ca = compiled.cost_analysis()
+  if isinstance(ca, (list, tuple)):  # older jax returned one dict per computation
+    ca = ca[0] if ca else {}
+  return float((ca or {}).get("flops", float("nan")))
+
+
+def measure_matmul_peak(n: int = 4096, iters: int = 5) -> float:
+  """float32 FLOP/s of a large jnp.dot on this machine (best of ``iters``)."""
+  a = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.PRNGKey(2), (n, n), jnp.float32)
+  dot = jax.jit(jnp.dot)
+  dot(a, b).block_until_ready()
+  best = float("inf")
+  for _ in range(iters):
+    t = time.perf_counter()
+    dot(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2.0 * n ** 3 / best
+
+
+class JaxBench:
+
+  def __init__(self, args, res):
+    self.args = args
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    self.model = models.create(args.model, img_size=res, dtype=dtype)
+    b = args.batch_size
+    rng = np.random.RandomState(0)
+    self.images = jnp.asarray(rng.randn(b, res, res, 3).astype(np.float32))
+    self.labels = jnp.asarray(rng.randint(0, 1000, size=(b,)).astype(np.int32))
+    self.rng = jax.random.PRNGKey(0)
+    params = jax.jit(lambda k: self.model.init(k, self.images[:1])["params"])(self.rng)
+    self.n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    self.tx = optax.adamw(args.lr, weight_decay=args.weight_decay)
+    self.state = {"params": params, "opt_state": self.tx.init(params)}
+    self.infer_params = jax.tree_util.tree_map(jnp.copy, params)  # not donated by training
+
+    t = time.perf_counter()
+    self.infer_fn = make_jax_infer(self.model)
+    infer_c = self.infer_fn.lower(self.infer_params, self.images).compile()
+    self.fwd_flops = cost_flops(infer_c) / b
+    self.infer_fn = infer_c
+    self.train_fn = make_jax_train_step(self.model, self.tx)
+    train_c = self.train_fn.lower(self.state, self.images, self.labels, self.rng).compile()
+    self.train_flops = cost_flops(train_c) / b
+    self.train_fn = train_c
+    self.compile_s = time.perf_counter() - t
+
+  def train(self, steps):
+    loss = None
+    for _ in range(steps):
+      self.state, loss = self.train_fn(self.state, self.images, self.labels, self.rng)
+    jax.block_until_ready((self.state, loss))
+    return loss
+
+  def infer(self, steps):
+    out = None
+    for _ in range(steps):
+      out = self.infer_fn(self.infer_params, self.images)
+    jax.block_until_ready(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# timm / PyTorch (imported only with --vs-timm)
+# ---------------------------------------------------------------------------------------------
+
+class TimmBench:
+
+  def __init__(self, args, res):
+    import torch
+    import timm
+    self.torch = torch
+    torch.set_num_threads(args.threads or os.cpu_count())
+    name = args.timm_model or args.model
+    self.model = timm.create_model(name, pretrained=False, img_size=res)
+    self.n_params = sum(p.numel() for p in self.model.parameters())
+    b = args.batch_size
+    rng = np.random.RandomState(0)
+    self.images = torch.from_numpy(rng.randn(b, 3, res, res).astype(np.float32))
+    self.labels = torch.from_numpy(rng.randint(0, 1000, size=(b,)).astype(np.int64))
+    self.opt = torch.optim.AdamW(self.model.parameters(), lr=args.lr,
+                                 weight_decay=args.weight_decay)
+    self.loss = torch.nn.CrossEntropyLoss()
+    self.bf16 = args.dtype == "bfloat16"
+
+  def _autocast(self):
+    return self.torch.autocast("cpu", dtype=self.torch.bfloat16, enabled=self.bf16)
+
+  def train(self, steps):
+    self.model.train()
+    for _ in range(steps):
+      self.opt.zero_grad(set_to_none=True)
+      with self._autocast():
+        loss = self.loss(self.model(self.images), self.labels)
+      loss.backward()
+      self.opt.step()
+    return float(loss)
+
+  def infer(self, steps):
+    self.model.eval()
+    with self.torch.no_grad(), self._autocast():
+      for _ in range(steps):
+        self.model(self.images)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def timed(fn, steps):
+  t = time.perf_counter()
+  fn(steps)
+  return time.perf_counter() - t
+
+
+def main(args):
+  dummy = models.create(args.model)
+  res = args.resolution or dummy.img_size
+  b = args.batch_size
+  print(f"devices: {jax.devices()}  cores: {os.cpu_count()}  jax {jax.__version__}")
+  print(f"XLA_FLAGS: {os.environ.get('XLA_FLAGS', '')!r}  "
+        f"matmul precision: {jax.config.jax_default_matmul_precision}")
+  peak = measure_matmul_peak()
+  print(f"measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
+
+  jb = JaxBench(args, res)
+  print(f"{args.model} @ {res}px, batch {b}, {args.dtype}: {jb.n_params / 1e6:.2f}M params, "
+        f"compiled in {jb.compile_s:.1f}s")
+  tb = None
+  if args.vs_timm:
+    tb = TimmBench(args, res)
+    import torch
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"timm params {tb.n_params / 1e6:.2f}M")
+
+  benches = {"jax": jb} if tb is None else {"jax": jb, "timm": tb}
+  modes = [m for m, on in (("train", args.train), ("infer", args.infer)) if on]
+  # Warm up everything first (JIT caches, torch allocator, oneDNN primitives).
+  for mode in modes:
+    for bench in benches.values():
+      getattr(bench, mode)(args.warmup)
+  times = {(k, m): [] for k in benches for m in modes}
+  for _ in range(args.repeats):
+    for mode in modes:  # interleave frameworks inside each repeat
+      for key, bench in benches.items():
+        times[(key, mode)].append(timed(getattr(bench, mode), args.steps))
+
+  ips = {k: b * args.steps / statistics.median(v) for k, v in times.items()}
+  spread = {k: (b * args.steps / max(v), b * args.steps / min(v)) for k, v in times.items()}
+  flops = {"train": jb.train_flops, "infer": jb.fwd_flops}
+
+  print()
+  print(f"forward GFLOPs/img (XLA cost analysis): {jb.fwd_flops / 1e9:.2f}   "
+        f"train step GFLOPs/img: {jb.train_flops / 1e9:.2f}")
+  header = f"{'mode':<6} {'framework':<9} {'img/s':>8} {'(min-max)':>15} {'TFLOP/s':>8} {'MFU':>6}"
+  if tb is not None:
+    header += f" {'jax/timm':>9}"
+  print(header)
+  print("-" * len(header))
+  for mode in modes:
+    for key in benches:
+      v = ips[(key, mode)]
+      lo, hi = spread[(key, mode)]
+      achieved = v * flops[mode]  # same model FLOPs for both frameworks
+      row = (f"{mode:<6} {key:<9} {v:8.2f} {f'({lo:.1f}-{hi:.1f})':>15} "
+             f"{achieved / 1e12:8.3f} {achieved / peak:6.1%}")
+      if tb is not None and key == "timm":
+        row += f" {ips[('jax', mode)] / v:9.2f}"
+      print(row)
+  if "tensorflow" in sys.modules and sys.modules["tensorflow"] is not None:
+    raise RuntimeError("TensorFlow got imported")
+
+
+if __name__ == "__main__":
+  main(ARGS)

@@ -1,0 +1,80 @@
+"""Numerical parity of our Flax DeiT III ViT against timm's PyTorch implementation.
+
+Both models get the same (randomly initialised) weights via ``vit_params_from_torch`` and the
+same input; eval-mode logits must agree to 1e-4 in float32. Skipped when torch/timm (the
+``[torch]`` extra) are not installed.
+"""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+timm = pytest.importorskip("timm")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from visrep_jax import models  # noqa: E402
+from visrep_jax.models.vit import vit_params_from_torch  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+TOL = 1e-4
+
+
+def _randomize_(module: "torch.nn.Module", seed: int):
+  """Replaces timm's init by O(1)-scale random values where its init is degenerate.
+
+  timm initialises LayerScale to 1e-6 and LayerNorm to (1, 0): with those every block is
+  nearly the identity and a wrong attention/MLP would go unnoticed. Gammas ~0.1-0.5 keep
+  activations bounded while making every residual branch matter.
+  """
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in module.named_parameters():
+      if name.endswith("gamma"):
+        p.copy_(0.1 + 0.4 * torch.rand(p.shape, generator=g))
+      elif ".norm" in name or name.startswith("norm."):
+        base = 1.0 if name.endswith("weight") else 0.0
+        p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
+      elif name.endswith("bias"):
+        p.copy_(0.02 * torch.randn(p.shape, generator=g))
+      elif name in ("pos_embed", "cls_token"):
+        p.copy_(0.5 * torch.randn(p.shape, generator=g))
+
+
+def _shapes(tree):
+  return jax.tree_util.tree_map(lambda a: tuple(a.shape), tree)
+
+
+@pytest.mark.parametrize("name,batch", [
+    ("deit3_small_patch16_224", 2),
+    ("deit3_base_patch16_224", 2),
+    ("deit3_small_patch16_384", 1),
+])
+def test_deit3_logits_match_timm(name, batch):
+  torch.manual_seed(0)
+  tmodel = timm.create_model(name, pretrained=False).eval()
+  _randomize_(tmodel, seed=1)
+
+  model = models.create(name)
+  res = model.img_size
+  params = vit_params_from_torch(tmodel.state_dict())
+  # The converted tree must have exactly the structure and shapes of our own init.
+  ref = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, res, res, 3)))
+  assert _shapes(params) == _shapes(ref["params"])
+
+  x = np.random.RandomState(0).randn(batch, 3, res, res).astype(np.float32)
+  with torch.no_grad():
+    expected = tmodel(torch.from_numpy(x)).numpy()
+  logits, out = jax.jit(lambda v, im: model.apply(v, im, train=False))(
+      {"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)))
+  logits = np.asarray(logits)
+
+  assert logits.shape == expected.shape == (batch, 1000)
+  assert logits.dtype == np.float32
+  # Logits must be non-trivial for the tolerance to mean something.
+  assert np.abs(expected).max() > 0.1
+  err = np.abs(logits - expected).max()
+  print(f"{name}: max |jax - timm| = {err:.3g} (max |logit| {np.abs(expected).max():.3g})")
+  assert err <= TOL, f"{name}: max |jax - timm| = {err:.3g} > {TOL}"

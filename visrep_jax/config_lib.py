@@ -1,0 +1,218 @@
+"""Config helpers: the common keys every trainer honours, ``file.py:k=v,flag`` argument parsing
+and start-up validation with errors that list what is valid."""
+
+from __future__ import annotations
+
+import ast
+import math
+from typing import Any, Dict, Iterable, Optional
+
+import ml_collections
+
+TRAINERS = ("supervised",)
+DTYPES = ("float32", "bfloat16", "float16")
+SHARDING_RULES = ("replicate", "fsdp")
+
+
+class ConfigError(ValueError):
+  """A bad config key or value; the message says which and what is valid."""
+
+
+def parse_arg(arg: Optional[str], **defaults) -> ml_collections.ConfigDict:
+  """Parses the ``:k=v,flag`` part of ``--config=file.py:k=v,flag``.
+
+  ``defaults`` gives every accepted key and its default value (its type is the parse type);
+  a bare word ``flag`` sets a bool key to True. Unknown keys raise ``ConfigError``.
+  """
+  out = dict(defaults)
+  for item in filter(None, (s.strip() for s in (arg or "").split(","))):
+    key, eq, val = item.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise ConfigError(f"Unknown config argument {key!r} in {arg!r}. Valid: "
+                        f"{', '.join(f'{k}={v!r}' for k, v in defaults.items())}.")
+    default = defaults[key]
+    if not eq:
+      if not isinstance(default, bool):
+        raise ConfigError(f"Config argument {key!r} needs a value ({key}=...).")
+      out[key] = True
+      continue
+    val = val.strip()
+    if isinstance(default, bool):
+      if val.lower() not in ("1", "0", "true", "false", "yes", "no"):
+        raise ConfigError(f"Config argument {key}={val!r} must be true or false.")
+      out[key] = val.lower() in ("1", "true", "yes")
+    elif isinstance(default, (int, float)) and not isinstance(default, bool):
+      try:
+        out[key] = type(default)(ast.literal_eval(val))
+      except (ValueError, SyntaxError):
+        raise ConfigError(f"Config argument {key}={val!r} must be a number.") from None
+    else:
+      out[key] = val
+  return ml_collections.ConfigDict(out)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The keys shared by all trainers, with neutral defaults."""
+  c = ml_collections.ConfigDict()
+  c.trainer = "supervised"
+  c.seed = 0
+  c.batch_size = 256               # global, across all devices and processes
+  c.eval_batch_size = 0            # 0: same as batch_size
+  c.total_steps = 0                # set exactly one of total_steps / total_epochs
+  c.total_epochs = 0.0
+  c.log_every_steps = 50
+  c.eval_every_steps = 1000        # 0: only at the end
+  c.checkpoint_every_steps = 1000  # 0: only at the end (and on SIGTERM)
+  c.keep_checkpoints = 2
+  c.eval_only = False
+  c.init_checkpoint = ""           # orbax dir or step dir to initialise params from
+  c.dtype = "float32"              # compute dtype: bfloat16 on accelerators
+  c.remat = False
+  c.progress_bar = True
+  c.plot_curves = True
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "deit3_small_patch16_224"
+  c.model.drop_path_rate = 0.0
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = "imagenet2012"
+  c.dataset.data_dir = ml_collections.config_dict.placeholder(str)
+  c.dataset.train_split = "train"
+  c.dataset.eval_split = "validation"
+  c.dataset.num_classes = 0        # 0: from the dataset
+  c.dataset.shuffle_buffer = 50_000
+  c.dataset.repeated_aug = 1       # DeiT's RASampler repeats (3 in DeiT/DeiT III 1k)
+  c.dataset.skip_corrupt = False
+  c.dataset.train_pp = "decode|random_resized_crop(224)|flip_lr|normalize('imagenet')"
+  c.dataset.eval_pp = "decode|center_crop(224, crop_ratio=0.875)|normalize('imagenet')"
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "adamw"
+  c.optimizer.lr = 1e-3
+  c.optimizer.weight_decay = 0.05
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  c.optimizer.momentum = 0.9       # sgd only
+  c.optimizer.clip_grad_norm = 0.0  # 0: off
+  c.optimizer.no_decay = ["(^|/)pos_embed$", "(^|/)cls_token$", "(^|/)dist_token$"]
+
+  c.schedule = ml_collections.ConfigDict()
+  c.schedule.name = "cosine"
+  c.schedule.warmup_steps = 0
+  c.schedule.warmup_epochs = 0.0
+  c.schedule.warmup_init_lr = 1e-6
+  c.schedule.min_lr = 1e-5
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.name = "softmax_xent"
+  c.loss.label_smoothing = 0.0
+
+  c.mixup = ml_collections.ConfigDict()
+  c.mixup.mixup_alpha = 0.0
+  c.mixup.cutmix_alpha = 0.0
+  c.mixup.prob = 1.0
+  c.mixup.switch_prob = 0.5
+
+  c.mesh = [("data", -1), ("fsdp", 1)]
+  c.sharding = "replicate"         # parameter/optimizer-state rule: replicate | fsdp
+  return c
+
+
+def _check(cond: bool, msg: str):
+  if not cond:
+    raise ConfigError(msg)
+
+
+def _choice(value, valid: Iterable[str], key: str):
+  valid = list(valid)
+  _check(value in valid, f"config.{key}={value!r} is not valid; choose one of: {', '.join(valid)}.")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = None):
+  """Checks names and values before anything expensive starts; raises ``ConfigError``."""
+  from visrep_jax import losses, models, optim
+  from visrep_jax.data import sources
+  from visrep_jax.registry import UnknownNameError
+
+  base = base_config()
+  missing = [k for k in ("seed", "batch_size", "total_steps", "total_epochs", "log_every_steps",
+                         "eval_every_steps", "checkpoint_every_steps") if k not in config]
+  _check(not missing, f"config is missing keys {missing}; start from config_lib.base_config().")
+  unknown = sorted(set(config.keys()) - set(base.keys()))
+  _check(not unknown, f"Unknown top-level config keys {unknown}. Valid: {', '.join(sorted(base.keys()))}.")
+  for sect in ("dataset", "optimizer", "schedule", "loss", "mixup"):
+    bad = sorted(set(config[sect].keys()) - set(base[sect].keys()))
+    _check(not bad, f"Unknown keys {bad} in config.{sect}. Valid: {', '.join(sorted(base[sect].keys()))}.")
+  _choice(config.trainer, TRAINERS, "trainer")
+  _check(isinstance(config.batch_size, int) and config.batch_size > 0,
+         f"config.batch_size must be a positive integer, got {config.batch_size!r}.")
+  _check(config.eval_batch_size >= 0, "config.eval_batch_size must be >= 0 (0: batch_size).")
+  if num_devices:
+    for key in ("batch_size", "eval_batch_size"):
+      b = config[key]
+      _check(b == 0 or b % num_devices == 0,
+             f"config.{key}={b} is not divisible by the {num_devices} devices; use a multiple of "
+             f"{num_devices}.")
+  steps, epochs = config.total_steps, config.total_epochs
+  _check((steps > 0) != (epochs > 0) or config.eval_only,
+         f"Set exactly one of config.total_steps (>0) or config.total_epochs (>0); got "
+         f"total_steps={steps}, total_epochs={epochs}.")
+  for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
+    _check(config[key] >= 0, f"config.{key} must be >= 0, got {config[key]}.")
+  _check(config.log_every_steps > 0, "config.log_every_steps must be > 0.")
+  _check(config.keep_checkpoints >= 1, "config.keep_checkpoints must be >= 1.")
+  _choice(config.dtype, DTYPES, "dtype")
+  _choice(config.sharding, SHARDING_RULES, "sharding")
+  _check(all(len(a) == 2 and isinstance(a[0], str) for a in config.mesh),
+         f"config.mesh must be a list of (axis_name, size) pairs, got {config.mesh!r}.")
+  _check(sum(1 for _, n in config.mesh if n == -1) <= 1, "config.mesh: at most one axis may be -1.")
+
+  try:
+    models.MODELS.get(config.model.name)
+  except UnknownNameError as e:
+    raise ConfigError(f"config.model.name: {e}") from None
+  overrides = model_overrides(config)
+  try:
+    models.create(config.model.name, **overrides)
+  except ValueError as e:
+    raise ConfigError(f"config.model: {e}") from None
+  _check(0.0 <= config.model.get("drop_path_rate", 0.0) < 1.0,
+         "config.model.drop_path_rate must be in [0, 1).")
+
+  if not sources.valid_dataset_name(config.dataset.name):
+    try:
+      sources.create(config.dataset.name)
+    except UnknownNameError as e:
+      raise ConfigError(f"config.dataset.name: {e}") from None
+  _check(config.dataset.repeated_aug >= 1, "config.dataset.repeated_aug must be >= 1.")
+  _check(config.dataset.shuffle_buffer >= 0, "config.dataset.shuffle_buffer must be >= 0.")
+
+  for reg, key in ((optim.OPTIMIZERS, "optimizer.name"), (optim.SCHEDULES, "schedule.name"),
+                   (losses.LOSSES, "loss.name")):
+    sect, name = key.split(".")
+    _choice(config[sect][name], reg.names(), key)
+  _check(config.optimizer.lr > 0 and math.isfinite(config.optimizer.lr),
+         f"config.optimizer.lr must be a positive number, got {config.optimizer.lr}.")
+  _check(config.optimizer.weight_decay >= 0, "config.optimizer.weight_decay must be >= 0.")
+  _check(0.0 <= config.loss.label_smoothing < 1.0, "config.loss.label_smoothing must be in [0, 1).")
+  for k in ("mixup_alpha", "cutmix_alpha"):
+    _check(config.mixup[k] >= 0, f"config.mixup.{k} must be >= 0.")
+  for k in ("prob", "switch_prob"):
+    _check(0.0 <= config.mixup[k] <= 1.0, f"config.mixup.{k} must be in [0, 1].")
+
+
+# Config keys under `model` that are not constructor arguments of the module.
+_MODEL_META_KEYS = ("name",)
+
+
+def model_overrides(config) -> Dict[str, Any]:
+  """``config.model`` minus its name, plus the global dtype/remat, as ``models.create`` kwargs."""
+  import jax.numpy as jnp
+  kw = {k: v for k, v in config.model.items() if k not in _MODEL_META_KEYS}
+  kw.setdefault("dtype", getattr(jnp, config.get("dtype", "float32")))
+  if config.get("remat", False):
+    kw.setdefault("remat", True)
+  return kw

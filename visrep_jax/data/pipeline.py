@@ -1,0 +1,166 @@
+"""tf.data pipelines (host only) and their conversion to global sharded ``jax.Array`` batches.
+
+Training: this process's shard -> shuffle (seeded) -> repeat -> [repeated augmentation] ->
+enumerate -> skip(already consumed) -> preprocess with a per-example stateless seed -> batch.
+Because the order and every random draw are functions of (seed, process, example index), a
+resumed run sees exactly the batches an uninterrupted run would have seen.
+
+Evaluation: every process walks its shard once, pads with ``mask=0`` examples up to the same
+number of full batches on every process, so that ``sum(mask)`` counts each example exactly once
+whatever the number of devices or processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any, Dict, Iterator, Optional
+
+import numpy as np
+import jax
+
+from visrep_jax.data import DataError, preprocess, sources, tf_host
+
+
+def _seed_pair(*ints) -> Any:
+  tf = tf_host()
+  s = tf.constant([ints[0] & 0x7FFFFFFF, 0], tf.int64)
+  for i in ints[1:]:
+    s = tf.random.experimental.stateless_fold_in(s, i)
+  return s
+
+
+def _options():
+  tf = tf_host()
+  opts = tf.data.Options()
+  opts.deterministic = True
+  opts.experimental_optimization.map_parallelization = True
+  opts.threading.private_threadpool_size = 0
+  return opts
+
+
+@dataclasses.dataclass
+class TrainInput:
+  """An infinite iterator of process-local numpy batches, plus what the loop needs to know."""
+  iterator: Iterator[Dict[str, np.ndarray]]
+  num_examples: int
+  num_classes: int
+  dataset: Any
+
+
+def make_train(source: sources.Source, split: str, pp_spec: str, local_batch: int, seed: int,
+               start_step: int = 0, shuffle_buffer: int = 50_000, repeated_aug: int = 1,
+               skip_corrupt: bool = False, process_index: Optional[int] = None,
+               process_count: Optional[int] = None, prefetch: int = 2) -> TrainInput:
+  tf = tf_host()
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  pp = preprocess.parse(pp_spec)
+  shard_size = source.shard_sizes(split, pc)[pi]
+  if shard_size == 0:
+    raise DataError(f"Split {split!r} has no examples for process {pi} of {pc}.")
+  ds = source.make(split, pi, pc)
+  buf = min(shuffle_buffer, shard_size) if shuffle_buffer > 0 else 1
+  ds = ds.shuffle(buf, seed=int(np.uint32(seed * 1000003 + pi) & 0x7FFFFFFF),
+                  reshuffle_each_iteration=True)
+  ds = ds.repeat()
+  if repeated_aug > 1:
+    # DeiT's RASampler idea: each sampled image appears `repeated_aug` times with different
+    # augmentations; the number of images per epoch is unchanged (so 1/r unique).
+    r = repeated_aug
+    ds = ds.flat_map(lambda ex: tf.data.Dataset.from_tensors(ex).repeat(r))
+  ds = ds.enumerate()
+  if start_step:
+    ds = ds.skip(int(start_step) * local_batch)
+  base = _seed_pair(seed, pi)
+
+  def process(index, ex):
+    ex = pp(ex, tf.cast(tf.random.experimental.stateless_fold_in(base, index), tf.int32))
+    return {"image": ex["image"], "label": ex["label"]}
+
+  ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  if skip_corrupt:
+    ds = ds.ignore_errors(log_warning=True)
+  ds = ds.batch(local_batch, drop_remainder=True).prefetch(prefetch).with_options(_options())
+  it = _report_corrupt(ds, source, split, pi, pc, skip_corrupt)
+  return TrainInput(it, source.num_examples(split), source.num_classes, ds)
+
+
+def _report_corrupt(ds, source, split, pi, pc, skip_corrupt) -> Iterator[Dict[str, np.ndarray]]:
+  tf = tf_host()
+  it = iter(ds)
+  while True:
+    try:
+      batch = next(it)
+    except StopIteration:
+      return
+    except tf.errors.InvalidArgumentError as e:
+      bad = source.find_corrupt(split, pi, pc)
+      where = f": {bad}" if bad else ""
+      raise DataError(
+          f"Cannot decode an image in split {split!r}{where}. Remove or replace it, or set "
+          f"dataset.skip_corrupt=True to skip undecodable images. ({str(e).splitlines()[0]})"
+      ) from None
+    yield {k: v.numpy() if hasattr(v, "numpy") else v for k, v in batch.items()}
+
+
+@dataclasses.dataclass
+class EvalInput:
+  batches: Any  # re-iterable: yields process-local numpy batches with 'mask'
+  num_examples: int
+  num_batches: int
+
+
+def make_eval(source: sources.Source, split: str, pp_spec: str, local_batch: int,
+              skip_corrupt: bool = False, process_index: Optional[int] = None,
+              process_count: Optional[int] = None) -> EvalInput:
+  tf = tf_host()
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  pp = preprocess.parse(pp_spec)
+  sizes = source.shard_sizes(split, pc)
+  num_batches = max(1, math.ceil(max(sizes) / local_batch))
+  seed = _seed_pair(0, pi)
+
+  def process(ex):
+    ex = pp(ex, tf.cast(seed, tf.int32))
+    return {"image": ex["image"], "label": ex["label"], "mask": tf.constant(1, tf.int32)}
+
+  ds = source.make(split, pi, pc).map(process, num_parallel_calls=tf.data.AUTOTUNE,
+                                      deterministic=True)
+  if skip_corrupt:
+    ds = ds.ignore_errors(log_warning=True)
+  pad = tf.data.Dataset.from_tensors(
+      tf.nest.map_structure(lambda s: tf.zeros([d or 1 for d in s.shape], s.dtype),
+                            ds.element_spec)).repeat()
+  ds = ds.concatenate(pad).take(num_batches * local_batch).batch(local_batch)
+  ds = ds.prefetch(2).with_options(_options())
+
+  class _Batches:
+    def __iter__(self_inner):
+      return _report_corrupt(ds, source, split, pi, pc, skip_corrupt)
+
+  return EvalInput(_Batches(), sum(sizes), num_batches)
+
+
+def to_global(batch: Dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> Dict[str, jax.Array]:
+  """Process-local numpy batch -> global ``jax.Array``s sharded along the batch axis."""
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                      batch)
+
+
+def prefetch_to_device(iterator, sharding, size: int = 2):
+  """Keeps ``size`` global batches in flight so that host->device copies overlap compute."""
+  import collections
+  import itertools
+  queue = collections.deque()
+
+  def enqueue(n):
+    for batch in itertools.islice(iterator, n):
+      queue.append(to_global(batch, sharding))
+
+  enqueue(size)
+  while queue:
+    yield queue.popleft()
+    enqueue(1)

@@ -1,0 +1,1 @@
+"""Evaluators: classification now; kNN, linear probe, few-shot episodes later."""

@@ -1,0 +1,140 @@
+"""Vision Transformer family: DeiT III (``models_v2.vit_models``) and plain ViT/DeiT options.
+
+Layout follows facebookresearch/deit ``models_v2.py``: the learned position embedding has no
+class-token slot and is added to the patch tokens *before* the class token is prepended;
+LayerScale (init 1e-4) on both residual branches; uniform stochastic depth; final LayerNorm;
+the head reads the class token. Parameter names follow the PyTorch state dict.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax.numpy as jnp
+import flax.linen as nn
+
+from visrep_jax.models import layers
+
+Dtype = Any
+
+
+class VisionTransformer(nn.Module):
+  num_classes: int = 1000
+  img_size: int = 224
+  patch_size: int = 16
+  embed_dim: int = 384
+  depth: int = 12
+  num_heads: int = 6
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
+  layerscale_init: Optional[float] = 1e-4   # None: plain ViT/DeiT block
+  drop_path_rate: float = 0.0
+  drop_path_uniform: bool = True            # DeiT III: same rate in every block; DeiT: linear
+  dropout: float = 0.0
+  attn_dropout: float = 0.0
+  head_dropout: float = 0.0
+  pos_embed_cls_slot: bool = False          # DeiT/timm ViT: True; DeiT III: False
+  global_pool: str = "token"                # 'token' (class token) or 'avg' (mean of patches)
+  dtype: Dtype = jnp.float32                # compute dtype; parameters stay float32
+  remat: bool = False                       # rematerialise each block in the backward pass
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    if images.ndim != 4:
+      raise ValueError(f"expected NHWC images, got shape {images.shape}")
+    if self.global_pool not in ("token", "avg"):
+      raise ValueError(f"global_pool must be 'token' or 'avg', got {self.global_pool!r}")
+    deterministic = not train
+    x = images.astype(self.dtype)
+    x, (gh, gw) = layers.PatchEmbed(self.patch_size, self.embed_dim, self.dtype,
+                                    name="patch_embed")(x)
+    expected = (self.img_size // self.patch_size) ** 2
+    if gh * gw != expected:
+      raise ValueError(
+          f"input {images.shape[1]}x{images.shape[2]} gives {gh * gw} patches but the model was "
+          f"built for img_size={self.img_size} ({expected} patches); create the model with "
+          f"img_size={images.shape[1]} (and resample the position embedding of a checkpoint)")
+    b, n, d = x.shape
+    init = layers.trunc_normal(0.02)
+    cls = self.param("cls_token", init, (1, 1, d), jnp.float32).astype(self.dtype)
+    cls = jnp.broadcast_to(cls, (b, 1, d))
+    if self.pos_embed_cls_slot:
+      pos = self.param("pos_embed", init, (1, n + 1, d), jnp.float32).astype(self.dtype)
+      x = jnp.concatenate([cls, x], axis=1) + pos
+    else:
+      pos = self.param("pos_embed", init, (1, n, d), jnp.float32).astype(self.dtype)
+      x = jnp.concatenate([cls, x + pos], axis=1)
+    x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+
+    block_cls = layers.LayerScaleBlock
+    if self.remat:
+      block_cls = nn.remat(block_cls, static_argnums=(2,))
+    for i in range(self.depth):
+      if self.drop_path_uniform or self.depth == 1:
+        dp = self.drop_path_rate
+      else:
+        dp = self.drop_path_rate * i / (self.depth - 1)
+      x = block_cls(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
+                    layerscale_init=self.layerscale_init, drop_path=dp, dropout=self.dropout,
+                    attn_dropout=self.attn_dropout, dtype=self.dtype,
+                    name=f"blocks_{i}")(x, deterministic)
+    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
+    tokens = x[:, 1:]
+    pre_logits = x[:, 0] if self.global_pool == "token" else tokens.mean(axis=1)
+    out = {"tokens": tokens, "pre_logits": pre_logits, "grid": (gh, gw)}
+    y = nn.Dropout(self.head_dropout)(pre_logits, deterministic=deterministic)
+    if self.num_classes > 0:
+      logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=init,
+                        bias_init=nn.initializers.zeros, name="head")(y)
+    else:
+      logits = y
+    out["logits"] = logits
+    return logits.astype(jnp.float32), out
+
+
+def vit_params_from_torch(state_dict) -> dict:
+  """Converts a timm / facebookresearch-deit ViT state dict into this module's ``params``.
+
+  Accepts torch tensors or numpy arrays (torch is never imported here). Handles both naming
+  schemes for LayerScale: timm ``blocks.i.ls1.gamma`` / ``ls2.gamma`` and deit
+  ``blocks.i.gamma_1`` / ``gamma_2``. Layout changes: Linear ``[out, in]`` -> Dense kernel
+  ``[in, out]``; Conv ``[O, I, kh, kw]`` -> ``[kh, kw, I, O]``; LayerNorm weight -> scale.
+  Returns a nested dict of float32 numpy arrays, to be used as ``{'params': result}``.
+  """
+  import numpy as np
+
+  def to_np(t):
+    if hasattr(t, "detach"):  # torch.Tensor, without importing torch
+      t = t.detach().cpu().float().numpy()
+    return np.asarray(t, dtype=np.float32)
+
+  params: dict = {}
+
+  def put(path, value):
+    node = params
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+
+  ignored = ("num_batches_tracked",)
+  for name, tensor in state_dict.items():
+    if name.endswith(ignored):
+      continue
+    v = to_np(tensor)
+    parts = name.split(".")
+    if parts[0] == "blocks":  # blocks.{i}.rest -> blocks_{i}/rest
+      parts = [f"blocks_{parts[1]}"] + parts[2:]
+    # LayerScale: timm ls1.gamma / ls2.gamma -> gamma_1 / gamma_2.
+    if len(parts) == 3 and parts[1] in ("ls1", "ls2") and parts[2] == "gamma":
+      parts = [parts[0], "gamma_" + parts[1][-1]]
+    leaf = parts[-1]
+    if leaf == "weight":
+      if v.ndim == 4:  # conv
+        put(parts[:-1] + ["kernel"], v.transpose(2, 3, 1, 0))
+      elif v.ndim == 2:  # linear
+        put(parts[:-1] + ["kernel"], v.T)
+      else:  # layer norm
+        put(parts[:-1] + ["scale"], v)
+    else:  # bias, cls_token, pos_embed, gamma_*
+      put(parts, v)
+  return params

@@ -1,0 +1,254 @@
+"""Supervised classification training (DeiT / DeiT III / CaiT / ResMLP / ... recipes).
+
+The loop: sharded state -> resume from ``WORKDIR/checkpoints`` if present -> for each step,
+global batch -> jitted ``train_step`` -> metrics / eval / checkpoints. SIGTERM (preemption)
+saves a checkpoint and exits; restarting the same command resumes exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from visrep_jax import checkpoint as ckpt_lib
+from visrep_jax import config_lib, metrics as metrics_lib, models, optim
+from visrep_jax import sharding as sharding_lib
+from visrep_jax.data import DataError, pipeline, preprocess, sources
+from visrep_jax.evaluators import classification
+from visrep_jax.trainers import common
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+class Preempted(SystemExit):
+  """Raised after the SIGTERM checkpoint has been written."""
+
+
+def _log(msg: str, *args):
+  logging.info(msg, *args)
+  if jax.process_index() == 0:
+    print(msg % args if args else msg, flush=True)
+
+
+class _SigtermFlag:
+  def __init__(self):
+    self.set = False
+    self._prev = None
+
+  def __enter__(self):
+    try:
+      self._prev = signal.signal(signal.SIGTERM, self._handler)
+    except ValueError:  # not the main thread (e.g. some notebook kernels)
+      self._prev = None
+    return self
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    self.set = True
+
+  def __exit__(self, *exc):
+    if self._prev is not None:
+      signal.signal(signal.SIGTERM, self._prev)
+
+
+def resolve_steps(config, num_train_examples: int) -> Dict[str, int]:
+  steps_per_epoch = max(1, num_train_examples // config.batch_size)
+  if config.total_steps > 0:
+    total = int(config.total_steps)
+  else:
+    total = int(math.ceil(config.total_epochs * steps_per_epoch))
+  warmup = int(config.schedule.warmup_steps or round(config.schedule.warmup_epochs * steps_per_epoch))
+  return {"total_steps": total, "warmup_steps": warmup, "steps_per_epoch": steps_per_epoch}
+
+
+def _input_shape(source, split, pp_spec) -> tuple:
+  """Shape of one preprocessed example (runs the pp on the first example)."""
+  from visrep_jax.data import tf_host
+  tf = tf_host()
+  pp = preprocess.parse(pp_spec)
+  ds = source.make(split, 0, 1).take(1).map(lambda ex: pp(ex, tf.constant([0, 0], tf.int32)))
+  try:
+    ex = next(iter(ds))
+  except tf.errors.InvalidArgumentError:
+    bad = source.find_corrupt(split, 0, 1)
+    raise DataError(f"Cannot decode the first image of split {split!r}"
+                    + (f": {bad}" if bad else "") + ". Remove or replace it.") from None
+  return tuple(ex["image"].shape)
+
+
+def build(config: ml_collections.ConfigDict, workdir: Optional[str] = None):
+  """Everything a run needs, without running it (used by the loop, tests and notebooks)."""
+  config_lib.validate(config, num_devices=jax.device_count())
+  mesh = sharding_lib.make_mesh(config.mesh)
+  ds_kwargs = {"data_dir": config.dataset.data_dir} if config.dataset.data_dir else {}
+  source = sources.create(config.dataset.name, **ds_kwargs)
+  num_classes = config.dataset.num_classes or source.num_classes
+  if not num_classes:
+    raise config_lib.ConfigError("The dataset does not say how many classes it has; set "
+                                 "config.dataset.num_classes.")
+  schedule = resolve_steps(config, source.num_examples(config.dataset.train_split))
+  model = models.create(config.model.name, num_classes=num_classes,
+                        **config_lib.model_overrides(config))
+  image_shape = _input_shape(source, config.dataset.train_split, config.dataset.train_pp)
+
+  cfg_sched = ml_collections.ConfigDict(config.to_dict())
+  cfg_sched.schedule.warmup_steps = schedule["warmup_steps"]
+
+  def tx_fn(params):
+    return optim.make_optimizer(cfg_sched, params, schedule["total_steps"])[0]
+
+  rng = jax.random.PRNGKey(config.seed)
+  r_init, r_train = jax.random.split(rng)
+  state, state_shardings, tx = common.create_train_state(
+      model, tx_fn, r_init, image_shape, mesh, config.sharding)
+  lr_fn = optim.make_schedule(cfg_sched, schedule["total_steps"])
+  mix = {k: float(v) for k, v in config.mixup.items()}
+  train_step = common.make_train_step(model, tx, num_classes, config.loss.name,
+                                      config.loss.label_smoothing, mix)
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  return dict(mesh=mesh, source=source, num_classes=num_classes, model=model, state=state,
+              state_shardings=state_shardings, tx=tx, lr_fn=lr_fn, rng=r_train,
+              image_shape=image_shape, batch_sharding=batch_sharding, **schedule,
+              train_step=common.jit_train_step(train_step, state_shardings, batch_sharding, mesh),
+              eval_step=common.jit_eval_step(common.make_eval_step(model, num_classes),
+                                             state_shardings, batch_sharding, mesh))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+  """Trains (resuming if ``workdir`` has a checkpoint) and returns the final metrics."""
+  os.makedirs(workdir, exist_ok=True)
+  b = build(config, workdir)
+  state, total_steps = b["state"], b["total_steps"]
+  pc = jax.process_count()
+  eval_batch = config.eval_batch_size or config.batch_size
+  writer = metrics_lib.MetricWriter(workdir)
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  start_step = 0
+  latest = ckpt.latest_step()
+  if latest is not None:
+    abstract = ckpt_lib.abstract_with_shardings(jax.eval_shape(lambda s: s, state),
+                                                b["state_shardings"])
+    state, meta = ckpt.restore(abstract, latest)
+    start_step = int(jax.device_get(state.step))
+    _log("Resumed from %s at step %d.", ckpt.directory, start_step)
+    old = meta.get("config")
+    if old and old != json.loads(config.to_json_best_effort()):
+      _log("Note: the config differs from the checkpoint's; continuing with the new one.")
+  elif config.init_checkpoint:
+    abstract_params = ckpt_lib.abstract_with_shardings(state.params, b["state_shardings"].params)
+    params = ckpt_lib.load_params(config.init_checkpoint, abstract_params)
+    state = state.replace(params=params)
+    _log("Initialised parameters from %s.", config.init_checkpoint)
+
+  eval_input = pipeline.make_eval(b["source"], config.dataset.eval_split, config.dataset.eval_pp,
+                                  eval_batch // pc, skip_corrupt=config.dataset.skip_corrupt)
+
+  def run_eval(step):
+    res = classification.evaluate(b["eval_step"], state, eval_input, b["batch_sharding"],
+                                  progress_bar=config.progress_bar, desc=f"eval@{step}")
+    skipped = eval_input.num_examples - res["num_examples"]
+    if skipped:
+      _log("Skipped %d undecodable evaluation images.", skipped)
+    scalars = {f"eval/{k}": v for k, v in res.items()}
+    writer.write_scalars(step, scalars)
+    _log("step %d  eval top-1 %.4f  top-5 %.4f  loss %.4f  (%d examples)", step, res["top1"],
+         res["top5"], res["loss"], res["num_examples"])
+    return res
+
+  def save(step, force=False):
+    meta = {"step": int(step), "config": json.loads(config.to_json_best_effort())}
+    ckpt.save(step, state, meta, force=force)
+
+  final: Dict[str, Any] = {}
+  if config.eval_only:
+    final = run_eval(start_step)
+    ckpt.close()
+    writer.close()
+    return final
+
+  train_input = pipeline.make_train(
+      b["source"], config.dataset.train_split, config.dataset.train_pp,
+      config.batch_size // pc, seed=config.seed, start_step=start_step,
+      shuffle_buffer=config.dataset.shuffle_buffer, repeated_aug=config.dataset.repeated_aug,
+      skip_corrupt=config.dataset.skip_corrupt)
+  batches = pipeline.prefetch_to_device(train_input.iterator, b["batch_sharding"])
+  progress = metrics_lib.Progress(total_steps, start_step, config.batch_size)
+  _log("Training %s on %s: %d steps (%d per epoch), batch %d on %d devices (%d processes), "
+       "workdir %s", config.model.name, config.dataset.name, total_steps, b["steps_per_epoch"],
+       config.batch_size, jax.device_count(), pc, workdir)
+
+  pending = []  # device metrics since the last log
+  prev = None   # (step, metrics) of the previous step, checked for NaN one step late
+  last_eval = None
+  with _SigtermFlag() as sigterm:
+    step = start_step
+    while step < total_steps:
+      batch = next(batches)
+      state, m = b["train_step"](state, batch, b["rng"])
+      step += 1
+      if prev is not None:
+        _check_finite(*prev)
+      prev = (step, m)
+      pending.append(m)
+      if step % config.log_every_steps == 0 or step == total_steps:
+        _check_finite(step, m)
+        stats = jax.device_get(pending)
+        pending = []
+        scalars = {f"train/{k}": float(np.mean([s[k] for s in stats])) for k in stats[0]}
+        p = progress.update(step)
+        scalars["train/lr"] = float(b["lr_fn"](step - 1))
+        scalars["train/images_per_sec"] = p["images_per_sec"]
+        writer.write_scalars(step, scalars)
+        _log("step %d/%d  loss %.4f  lr %.3g  %.1f img/s  ETA %s", step, total_steps,
+             scalars["train/loss"], scalars["train/lr"], p["images_per_sec"],
+             metrics_lib.format_eta(p["eta_sec"]))
+      if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+        save(step)
+      if config.eval_every_steps and step % config.eval_every_steps == 0 and step < total_steps:
+        last_eval = run_eval(step)
+      if sigterm.set:
+        _check_finite(step, m)
+        save(step, force=True)
+        ckpt.close()
+        writer.close()
+        _log("SIGTERM: saved a checkpoint at step %d in %s; rerun the same command to resume.",
+             step, ckpt.directory)
+        raise Preempted(143)
+  if prev is not None:
+    _check_finite(*prev)
+  save(total_steps, force=True)
+  final = run_eval(total_steps) if total_steps > start_step or last_eval is None else last_eval
+  ckpt.close()
+  writer.close()
+  if config.plot_curves and jax.process_index() == 0:
+    png = metrics_lib.plot_curves(workdir)
+    if png:
+      _log("Learning curves: %s", png)
+  _log("Done. Test top-1 %.4f. Logs: %s/metrics.jsonl, TensorBoard: %s/tensorboard, "
+       "checkpoints: %s", final["top1"], workdir, workdir, ckpt.directory)
+  return final
+
+
+def _check_finite(step: int, m: Dict[str, Any]):
+  loss = float(jax.device_get(m["loss"]))
+  if not math.isfinite(loss):
+    raise NonFiniteLossError(
+        f"Non-finite training loss ({loss}) at step {step}; the parameters of that step were not "
+        "applied and the last checkpoint is intact. Lower optimizer.lr, enable "
+        "optimizer.clip_grad_norm, or check the input data.")
