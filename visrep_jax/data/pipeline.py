@@ -49,42 +49,77 @@ class TrainInput:
   dataset: Any
 
 
-def make_train(source: sources.Source, split: str, pp_spec: str, local_batch: int, seed: int,
+def make_train(source: sources.Source, split: str, pp_spec: str, global_batch: int, seed: int,
                start_step: int = 0, shuffle_buffer: int = 50_000, repeated_aug: int = 1,
                skip_corrupt: bool = False, process_index: Optional[int] = None,
                process_count: Optional[int] = None, prefetch: int = 2) -> TrainInput:
+  """Infinite training batches of ``global_batch // process_count`` examples for this process.
+
+  Sources with random access (in-memory arrays, image folders) use a *global* order: position
+  g of the stream is example ``shuffle_epoch(g // r)`` (a stateless permutation per epoch, r the
+  repeated-augmentation count) with augmentation seed ``(seed, g)``, and process p takes its
+  slice of every global batch. The batches, and so the training run, are then identical for any
+  number of processes and devices, and resuming at step s starts at position s * global_batch.
+  Other sources (TFDS record files) stream this process's shard through a seeded shuffle buffer;
+  resuming skips the examples already consumed.
+  """
   tf = tf_host()
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
+  if global_batch % pc:
+    raise ValueError(f"global batch {global_batch} is not divisible by {pc} processes")
+  local_batch = global_batch // pc
   pp = preprocess.parse(pp_spec)
-  shard_size = source.shard_sizes(split, pc)[pi]
-  if shard_size == 0:
-    raise DataError(f"Split {split!r} has no examples for process {pi} of {pc}.")
-  ds = source.make(split, pi, pc)
-  buf = min(shuffle_buffer, shard_size) if shuffle_buffer > 0 else 1
-  ds = ds.shuffle(buf, seed=int(np.uint32(seed * 1000003 + pi) & 0x7FFFFFFF),
-                  reshuffle_each_iteration=True)
-  ds = ds.repeat()
-  if repeated_aug > 1:
-    # DeiT's RASampler idea: each sampled image appears `repeated_aug` times with different
-    # augmentations; the number of images per epoch is unchanged (so 1/r unique).
-    r = repeated_aug
-    ds = ds.flat_map(lambda ex: tf.data.Dataset.from_tensors(ex).repeat(r))
-  ds = ds.enumerate()
-  if start_step:
-    ds = ds.skip(int(start_step) * local_batch)
-  base = _seed_pair(seed, pi)
+  n = source.num_examples(split)
+  if n == 0:
+    raise DataError(f"Split {split!r} has no examples.")
+  base = _seed_pair(seed, 0x5EED)
+  r = max(int(repeated_aug), 1)
 
-  def process(index, ex):
-    ex = pp(ex, tf.cast(tf.random.experimental.stateless_fold_in(base, index), tf.int32))
+  def augment(position, ex):
+    ex = pp(ex, tf.cast(tf.random.experimental.stateless_fold_in(base, position), tf.int32))
     return {"image": ex["image"], "label": ex["label"]}
 
-  ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  if source.random_access:
+    lookup = source.lookup(split)
+    shuffle = shuffle_buffer > 0
+
+    def fetch(i):
+      # i-th example handled by this process -> global stream position -> dataset index.
+      position = (i // local_batch) * global_batch + pi * local_batch + i % local_batch
+      sample = position // r
+      epoch, k = sample // n, sample % n
+      if shuffle:
+        key = tf.stack([tf.cast(seed, tf.int64), epoch, tf.constant(0x5F3759DF, tf.int64)])
+        k = tf.raw_ops.RandomIndexShuffle(index=k, seed=key, max_index=tf.constant(n - 1, tf.int64))
+      return augment(position, lookup(k))
+
+    ds = tf.data.Dataset.range(int(start_step) * local_batch, tf.int64.max)
+    ds = ds.map(fetch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  else:
+    shard_size = source.shard_sizes(split, pc)[pi]
+    if shard_size == 0:
+      raise DataError(f"Split {split!r} has no examples for process {pi} of {pc}.")
+    ds = source.make(split, pi, pc)
+    buf = min(shuffle_buffer, shard_size) if shuffle_buffer > 0 else 1
+    ds = ds.shuffle(buf, seed=int((seed * 1000003 + pi) & 0x7FFFFFFF), reshuffle_each_iteration=True)
+    ds = ds.repeat()
+    if r > 1:
+      # DeiT's RASampler idea: each sampled image appears r times with different augmentations;
+      # the number of images per epoch is unchanged (so 1/r of them are unique).
+      ds = ds.flat_map(lambda ex: tf.data.Dataset.from_tensors(ex).repeat(r))
+    ds = ds.enumerate()
+    if start_step:
+      ds = ds.skip(int(start_step) * local_batch)
+    ds = ds.map(lambda i, ex: augment(i * pc + pi, ex), num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True)
   if skip_corrupt:
     ds = ds.ignore_errors(log_warning=True)
   ds = ds.batch(local_batch, drop_remainder=True).prefetch(prefetch).with_options(_options())
-  it = _report_corrupt(ds, source, split, pi, pc, skip_corrupt)
-  return TrainInput(it, source.num_examples(split), source.num_classes, ds)
+  # With a global order this process may read any example: search the whole split on error.
+  it = _report_corrupt(ds, source, split, *((0, 1) if source.random_access else (pi, pc)),
+                       skip_corrupt)
+  return TrainInput(it, n, source.num_classes, ds)
 
 
 def _report_corrupt(ds, source, split, pi, pc, skip_corrupt) -> Iterator[Dict[str, np.ndarray]]:

@@ -69,6 +69,14 @@ class Source:
     """Name of the first undecodable example of this shard, or None (used to report errors)."""
     return None
 
+  # Random access (optional): sources that can fetch example i of a split in a tf graph get a
+  # training order that is the same whatever the number of processes (see pipeline.make_train).
+  random_access = False
+
+  def lookup(self, split: str) -> Callable:
+    """``fn(index: tf.int64 scalar) -> raw example`` for the whole split."""
+    raise NotImplementedError
+
   def check_split(self, split: str, splits: Sequence[str]):
     if split not in splits:
       raise DataError(f"Split {split!r} does not exist for this dataset; valid: {', '.join(splits)}.")
@@ -80,6 +88,7 @@ class Source:
 
 class ArraySource(Source):
   image_encoded = False
+  random_access = True
 
   def __init__(self, splits: Dict[str, tuple], num_classes: int):
     self._splits = splits  # split -> (images uint8 [N,H,W,C], labels int [N])
@@ -92,6 +101,12 @@ class ArraySource(Source):
   def arrays(self, split):
     self.check_split(split, list(self._splits))
     return self._splits[split]
+
+  def lookup(self, split):
+    tf = tf_host()
+    images, labels = self.arrays(split)
+    images_t, labels_t = tf.constant(images), tf.constant(labels.astype(np.int64))
+    return lambda i: {"image": tf.gather(images_t, i), "label": tf.gather(labels_t, i)}
 
   def make(self, split, process_index, process_count):
     tf = tf_host()
@@ -178,6 +193,7 @@ def synthetic(num_examples: int = 512, image_size: int = 32, channels: int = 3,
 class ImageFolderSource(Source):
   """``root/<split>/<class_name>/<image>``; classes are the sorted sub-directory names."""
   image_encoded = True
+  random_access = True
 
   def __init__(self, root: str):
     if not root or not os.path.isdir(root):
@@ -216,6 +232,13 @@ class ImageFolderSource(Source):
 
   def num_examples(self, split):
     return len(self.files(split)[0])
+
+  def lookup(self, split):
+    tf = tf_host()
+    paths, labels = self.files(split)
+    paths_t, labels_t = tf.constant(paths), tf.constant(labels)
+    return lambda i: {"image": tf.io.read_file(tf.gather(paths_t, i)),
+                      "label": tf.gather(labels_t, i)}
 
   def make(self, split, process_index, process_count):
     tf = tf_host()

@@ -184,7 +184,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   train_input = pipeline.make_train(
       b["source"], config.dataset.train_split, config.dataset.train_pp,
-      config.batch_size // pc, seed=config.seed, start_step=start_step,
+      config.batch_size, seed=config.seed, start_step=start_step,
       shuffle_buffer=config.dataset.shuffle_buffer, repeated_aug=config.dataset.repeated_aug,
       skip_corrupt=config.dataset.skip_corrupt)
   batches = pipeline.prefetch_to_device(train_input.iterator, b["batch_sharding"])
