@@ -187,6 +187,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
       sources.create(config.dataset.name)
     except UnknownNameError as e:
       raise ConfigError(f"config.dataset.name: {e}") from None
+  from visrep_jax.data import preprocess
+  for key in ("train_pp", "eval_pp"):
+    try:
+      preprocess.parse(config.dataset[key])
+    except (ValueError, UnknownNameError) as e:
+      raise ConfigError(f"config.dataset.{key}: {e}") from None
   _check(config.dataset.repeated_aug >= 1, "config.dataset.repeated_aug must be >= 1.")
   _check(config.dataset.shuffle_buffer >= 0, "config.dataset.shuffle_buffer must be >= 0.")
 

@@ -88,10 +88,14 @@ def _input_shape(source, split, pp_spec) -> tuple:
   return tuple(ex["image"].shape)
 
 
-def build(config: ml_collections.ConfigDict, workdir: Optional[str] = None):
-  """Everything a run needs, without running it (used by the loop, tests and notebooks)."""
-  config_lib.validate(config, num_devices=jax.device_count())
-  mesh = sharding_lib.make_mesh(config.mesh)
+def build(config: ml_collections.ConfigDict, devices=None):
+  """Everything a run needs, without running it (used by the loop, tests and notebooks).
+
+  ``devices`` restricts the mesh to a subset of the devices (tests compare 1 vs 8 devices).
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  config_lib.validate(config, num_devices=len(devices))
+  mesh = sharding_lib.make_mesh(config.mesh, devices)
   ds_kwargs = {"data_dir": config.dataset.data_dir} if config.dataset.data_dir else {}
   source = sources.create(config.dataset.name, **ds_kwargs)
   num_classes = config.dataset.num_classes or source.num_classes
@@ -129,7 +133,7 @@ def build(config: ml_collections.ConfigDict, workdir: Optional[str] = None):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """Trains (resuming if ``workdir`` has a checkpoint) and returns the final metrics."""
   os.makedirs(workdir, exist_ok=True)
-  b = build(config, workdir)
+  b = build(config)
   state, total_steps = b["state"], b["total_steps"]
   pc = jax.process_count()
   eval_batch = config.eval_batch_size or config.batch_size
