@@ -84,8 +84,26 @@ def main(argv):
     sys.exit(3)
 
 
+def _parse_flags(argv):
+  """absl flag parsing, with a one-line error for ``--config.key=value`` naming a missing key."""
+  try:
+    return FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    bad = [a for a in argv if a.startswith("--config.")]
+    print(f"error: unknown config key in {' '.join(bad) or argv}: {e}. "
+          "Run with --helpfull, or read the config file's docstring, for the valid keys.",
+          file=sys.stderr)
+    sys.exit(2)
+  except flags.Error as e:
+    lines = [l for l in str(e).splitlines() if l.strip()]
+    if any(l.startswith("Traceback") for l in lines):  # an exception inside the config file
+      lines = [lines[0].rstrip(":"), lines[-1]]
+    print("error: " + " ".join(lines), file=sys.stderr)
+    sys.exit(2)
+
+
 def run():
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,16 @@ class _SigtermFlag:
       signal.signal(signal.SIGTERM, self._prev)
 
 
+def _debug_signal_at_step():
+  """``VISREP_JAX_DEBUG_SIGNAL_AT_STEP="7:KILL"`` sends SIGKILL (or TERM, INT) to this process
+  after step 7: fault injection for the crash / preemption tests."""
+  spec = os.environ.get("VISREP_JAX_DEBUG_SIGNAL_AT_STEP", "")
+  if not spec:
+    return None, None
+  step, _, sig = spec.partition(":")
+  return int(step), getattr(signal, "SIG" + (sig or "KILL"))
+
+
 def resolve_steps(config, num_train_examples: int) -> Dict[str, int]:
   steps_per_epoch = max(1, num_train_examples // config.batch_size)
   if config.total_steps > 0:
@@ -200,6 +210,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   pending = []  # device metrics since the last log
   prev = None   # (step, metrics) of the previous step, checked for NaN one step late
   last_eval = None
+  fault_step, fault_signal = _debug_signal_at_step()
   with _SigtermFlag() as sigterm:
     step = start_step
     while step < total_steps:
@@ -226,6 +237,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         save(step)
       if config.eval_every_steps and step % config.eval_every_steps == 0 and step < total_steps:
         last_eval = run_eval(step)
+      if step == fault_step and jax.process_index() == 0:
+        os.kill(os.getpid(), fault_signal)
+        time.sleep(0.5)  # let the handler run (SIGTERM) before the check below
       if sigterm.set:
         _check_finite(step, m)
         save(step, force=True)
