@@ -14,7 +14,7 @@ Expected ImageNet-1k val top-1 (thesis Tables 6.7/6.15, 224x224):
 
 Arguments (``--config=configs/deit3.py:variant=B,runlocal``):
   variant=Ti|S|M|B|L|H   model size (H uses patch 14).
-  demo                   small ViT on Fashion-MNIST (offline), a few CPU minutes, ~0.89 top-1.
+  demo                   small ViT on Fashion-MNIST (offline), ~8 minutes on 2 CPU cores, ~0.89 top-1.
   runlocal               a few steps on synthetic data (smoke test).
   epochs=N               override the number of epochs (also adapts drop path as in the thesis).
 
@@ -79,33 +79,35 @@ def get_config(arg=None):
   c.mixup.switch_prob = 0.5
 
   if args.demo:
-    # A DeiT III-style ViT (LayerScale, LAMB, grad clip, cosine) scaled to Fashion-MNIST 28x28:
-    # 4x4 patches, 4 blocks of width 128. No mixup / 3-Augment at this scale: they need
-    # hundreds of epochs to pay off.
-    c.model.name = "deit3_demo_patch4_28"
+    # DeiT III's architecture (ViT + LayerScale, pre-norm, class token) scaled to Fashion-MNIST
+    # 28x28: 7x7 patches (16 tokens), 4 blocks of width 128, trained for 6 epochs on 2 CPU
+    # cores in about 8 minutes. At this scale and length AdamW converges faster than LAMB and
+    # the ImageNet augmentations (RRC, 3-Augment, Mixup/CutMix) cost more than they give, so
+    # only horizontal flips are kept. Expected test top-1: ~0.89.
+    c.model.name = "deit3_demo_patch7_28"
     c.model.drop_path_rate = 0.0
     c.dataset.name = "fashion_mnist"
     c.dataset.train_split = "train"
     c.dataset.eval_split = "test"
     c.dataset.repeated_aug = 1
     c.dataset.shuffle_buffer = 60_000
-    c.dataset.train_pp = ("decode(1)|random_crop(28, pad=2, pad_mode='constant')|flip_lr|"
-                          "normalize('fashion_mnist')")
+    c.dataset.train_pp = "decode(1)|flip_lr|normalize('fashion_mnist')"
     c.dataset.eval_pp = "decode(1)|normalize('fashion_mnist')"
     c.batch_size = 128
-    c.total_epochs = 4.0
-    c.optimizer.name = "lamb"
-    c.optimizer.lr = 4e-3
+    c.total_epochs = 6.0
+    c.optimizer.name = "adamw"
+    c.optimizer.lr = 2e-3
     c.optimizer.weight_decay = 0.05
-    c.schedule.warmup_epochs = 0.3
+    c.optimizer.clip_grad_norm = 1.0
+    c.schedule.warmup_epochs = 0.2
     c.schedule.min_lr = 1e-5
     c.loss.name = "softmax_xent"
     c.loss.label_smoothing = 0.1
     c.mixup.mixup_alpha = 0.0
     c.mixup.cutmix_alpha = 0.0
-    c.log_every_steps = 50
-    c.eval_every_steps = 0
-    c.checkpoint_every_steps = 500
+    c.log_every_steps = 100
+    c.eval_every_steps = 1000
+    c.checkpoint_every_steps = 1000
 
   if args.runlocal:
     c.model.name = "vit_test_patch4_16"

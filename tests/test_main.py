@@ -151,3 +151,22 @@ def test_two_processes_match_one(tmp_path):
   p2, _ = final_params(two, 6)
   import jax
   jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6), p1, p2)
+
+
+def test_eval_only_and_init_checkpoint(tmp_path):
+  ref = tmp_path / "ref"
+  args = [f"--config={RUNLOCAL}", "--config.total_steps=4", "--config.plot_curves=False"]
+  assert main(args, ref).returncode == 0
+  final = metrics(ref)[-1]
+  # eval_only in the same workdir: restores the last checkpoint, evaluates, trains nothing.
+  r = main(args + ["--config.eval_only=True"], ref)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert metrics(ref)[-1]["eval/top1"] == final["eval/top1"]
+  # init_checkpoint in a fresh workdir: the parameters come from the other run.
+  other = tmp_path / "other"
+  r = main(args + ["--config.eval_only=True", f"--config.init_checkpoint={ref}"], other)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "Initialised parameters from" in r.stdout
+  assert metrics(other)[-1]["eval/loss"] == pytest.approx(final["eval/loss"], rel=1e-6)
+  r = main(args + ["--config.eval_only=True", f"--config.init_checkpoint={tmp_path / 'none'}"], tmp_path / "x")
+  assert r.returncode == 2 and "No checkpoint at" in r.stderr

@@ -107,6 +107,6 @@ def test_bfloat16_compute():
 
 
 def test_demo_model_takes_grayscale():
-  model = models.create("deit3_demo_patch4_28")
+  model = models.create("deit3_demo_patch7_28")
   variables, x = init(model, 28, channels=1)
   assert model.apply(variables, x)[0].shape == (2, 10)

@@ -78,3 +78,37 @@ def test_deit3_logits_match_timm(name, batch):
   err = np.abs(logits - expected).max()
   print(f"{name}: max |jax - timm| = {err:.3g} (max |logit| {np.abs(expected).max():.3g})")
   assert err <= TOL, f"{name}: max |jax - timm| = {err:.3g} > {TOL}"
+
+
+def test_deit3_gradients_match_timm():
+  """The hand-written VJPs (attention, GELU) must give timm's gradients for every parameter."""
+  name, batch = "deit3_small_patch16_224", 2
+  torch.manual_seed(0)
+  tmodel = timm.create_model(name, pretrained=False).train()  # all drop rates are 0
+  _randomize_(tmodel, seed=2)
+  model = models.create(name)
+  params = vit_params_from_torch(tmodel.state_dict())
+
+  rng = np.random.RandomState(1)
+  x = rng.randn(batch, 3, 224, 224).astype(np.float32)
+  w = rng.randn(batch, 1000).astype(np.float32)  # random cotangent for the logits
+  (tmodel(torch.from_numpy(x)) * torch.from_numpy(w)).sum().backward()
+  expected = vit_params_from_torch({k: p.grad for k, p in tmodel.named_parameters()})
+
+  def loss(p):
+    logits, _ = model.apply({"params": p}, jnp.asarray(x.transpose(0, 2, 3, 1)), train=True,
+                            rngs={"dropout": jax.random.PRNGKey(0)})
+    return jnp.sum(logits * w)
+
+  grads = jax.jit(jax.grad(loss))(params)
+  flat_e = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
+  flat_g = dict(jax.tree_util.tree_flatten_with_path(grads)[0])
+  assert flat_e.keys() == flat_g.keys()
+  worst = 0.0
+  for path, e in flat_e.items():
+    g = np.asarray(flat_g[path])
+    scale = max(np.abs(e).max(), 1e-3)
+    rel = np.abs(g - e).max() / scale
+    worst = max(worst, rel)
+    assert rel <= 1e-4, f"{jax.tree_util.keystr(path)}: max rel err {rel:.3g}"
+  print(f"{name}: worst relative gradient error {worst:.3g}")

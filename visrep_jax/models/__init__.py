@@ -79,8 +79,8 @@ for _size, _kw in _DEIT3.items():
                    img_size=_res, layerscale_init=1e-4, pos_embed_cls_slot=False,
                    drop_path_uniform=True, **_kw)
 
-# Small DeiT III-style ViT for Fashion-MNIST (28x28, 7x7 patches of 4x4) used by `demo` configs.
-register_model("deit3_demo_patch4_28", VisionTransformer, img_size=28, patch_size=4,
+# Small DeiT III-style ViT for Fashion-MNIST (28x28 -> 4x4 grid of 7x7 patches), `demo` configs.
+register_model("deit3_demo_patch7_28", VisionTransformer, img_size=28, patch_size=7,
                embed_dim=128, depth=4, num_heads=4, mlp_ratio=2.0, layerscale_init=0.1,
                pos_embed_cls_slot=False, drop_path_uniform=True, num_classes=10)
 # A few-parameter model for unit tests.

@@ -35,9 +35,34 @@ def torch_conv_bias_init(fan_in: int) -> Callable:
   return init
 
 
+@jax.custom_vjp
 def gelu_exact(x):
-  # PyTorch nn.GELU() is the erf form; flax's default is the tanh approximation.
-  return nn.gelu(x, approximate=False)
+  """Exact (erf) GELU, as PyTorch ``nn.GELU()``; flax's default is the tanh approximation.
+
+  Hand-written VJP: plain autodiff of ``x * Phi(x)`` makes XLA keep erf(x), exp(-x^2/2) and
+  products as separate residual tensors of the (large, B*N*4D) MLP activation and spreads the
+  work over ~4 fusions. Here the forward saves only ``x`` and the backward recomputes Phi and
+  phi in a single elementwise fusion, which is cheaper on CPU than the extra memory traffic.
+  """
+  return _gelu_fwd(x)[0]
+
+
+def _gelu_cdf(x32):
+  return 0.5 + 0.5 * jax.lax.erf(x32 * (1.0 / math.sqrt(2.0)))
+
+
+def _gelu_fwd(x):
+  x32 = x.astype(jnp.float32)  # erf in float32 also for bfloat16 activations
+  return (x32 * _gelu_cdf(x32)).astype(x.dtype), x
+
+
+def _gelu_bwd(x, g):
+  x32 = x.astype(jnp.float32)
+  pdf = jnp.exp(-0.5 * x32 * x32) * (1.0 / math.sqrt(2.0 * math.pi))
+  return ((g.astype(jnp.float32) * (_gelu_cdf(x32) + x32 * pdf)).astype(x.dtype),)
+
+
+gelu_exact.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 class DropPath(nn.Module):
@@ -74,6 +99,63 @@ class Mlp(nn.Module):
     return nn.Dropout(self.dropout)(x, deterministic=deterministic)
 
 
+@jax.custom_vjp
+def _attention_core(q, k, v):
+  """softmax(q k^T) v for (batch, heads, tokens, head_dim) inputs; ``q`` is pre-scaled.
+
+  Custom VJP (FlashAttention-style algebra, but keeping the probabilities): the softmax backward
+  ``ds = p * (dp - rowsum(dp * p))`` is rewritten with ``rowsum(dp * p) = rowsum(do * o)``, a
+  reduction over (N, head_dim) instead of (N, N), and the whole (N, N) part of the backward is a
+  single elementwise fusion between the batched matmuls. Autodiff of the plain expression
+  produced several extra passes (and broadcast copies) over the B*H*N*N tensor.
+  """
+  return _attention_fwd(q, k, v)[0]
+
+
+def _attention_probs(q, k):
+  s = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+  s = s - jnp.max(s, axis=-1, keepdims=True)
+  e = jnp.exp(s)
+  return e / jnp.sum(e, axis=-1, keepdims=True)  # float32
+
+
+def _attention_fwd(q, k, v):
+  p = _attention_probs(q, k).astype(v.dtype)
+  o = jnp.einsum("bhqk,bhkd->bhqd", p, v)
+  return o, (q, k, v, p, o)
+
+
+def _attention_bwd(res, do):
+  q, k, v, p, o = res
+  dv = jnp.einsum("bhqk,bhqd->bhkd", p, do)
+  dp = jnp.einsum("bhqd,bhkd->bhqk", do, v, preferred_element_type=jnp.float32)
+  delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
+  ds = (p.astype(jnp.float32) * (dp - delta)).astype(q.dtype)
+  dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k)
+  dk = jnp.einsum("bhqk,bhqd->bhkd", ds, q)
+  return dq, dk, dv
+
+
+_attention_core.defvjp(_attention_fwd, _attention_bwd)
+
+
+def multi_head_attention(q, k, v, scale: float, dropout_fn: Optional[Callable] = None):
+  """Scaled dot-product attention on (batch, heads, tokens, head_dim) tensors.
+
+  Why (b, h, n, d) and not jax.nn.dot_product_attention's (b, n, h, d): with the batch dims
+  (b, h) leading and the contraction dim last, every matmul is a plain batched GEMM for the CPU
+  dot library (YNNPACK/oneDNN/Eigen); in (b, n, h, d) layout XLA inserts transposes around each
+  of the four matmuls of the forward and backward. On a 2-core CPU this halves the attention
+  forward time for DeiT-S (B=32). ``dropout_fn`` (attention dropout during training) falls back
+  to plain autodiff.
+  """
+  q = q * jnp.asarray(scale, q.dtype)  # scale the (N, d) queries, not the (N, N) logits
+  if dropout_fn is None:
+    return _attention_core(q, k, v)
+  p = _attention_probs(q, k).astype(v.dtype)
+  return jnp.einsum("bhqk,bhkd->bhqd", dropout_fn(p), v)
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with the fused ``qkv`` projection of timm/deit.
 
@@ -95,19 +177,14 @@ class Attention(nn.Module):
     hd = d // h
     qkv = nn.Dense(3 * d, use_bias=self.qkv_bias, dtype=self.dtype, kernel_init=self.kernel_init,
                    bias_init=nn.initializers.zeros, name="qkv")(x)
-    qkv = qkv.reshape(b, n, 3, h, hd)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (b, n, h, hd)
+    # (b, n, 3, h, hd) -> (3, b, h, n, hd): one transpose for q, k and v together.
+    qkv = qkv.reshape(b, n, 3, h, hd).transpose(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    dropout_fn = None
     if self.attn_dropout > 0.0 and not deterministic:
-      q = q * (hd ** -0.5)
-      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
-      probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-      probs = nn.Dropout(self.attn_dropout)(probs, deterministic=deterministic)
-      out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-    else:
-      # XLA's fused attention path (cuDNN flash attention on GPU when available, a fused
-      # softmax(QK^T)V elsewhere). Scale = head_dim ** -0.5 as in the references.
-      out = jax.nn.dot_product_attention(q, k, v, scale=hd ** -0.5)
-    out = out.reshape(b, n, d)
+      dropout_fn = lambda p: nn.Dropout(self.attn_dropout)(p, deterministic=False)
+    out = multi_head_attention(q, k, v, hd ** -0.5, dropout_fn)
+    out = out.transpose(0, 2, 1, 3).reshape(b, n, d)
     out = nn.Dense(d, dtype=self.dtype, kernel_init=self.kernel_init,
                    bias_init=nn.initializers.zeros, name="proj")(out)
     return nn.Dropout(self.proj_dropout)(out, deterministic=deterministic)

@@ -211,43 +211,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   prev = None   # (step, metrics) of the previous step, checked for NaN one step late
   last_eval = None
   fault_step, fault_signal = _debug_signal_at_step()
-  with _SigtermFlag() as sigterm:
-    step = start_step
-    while step < total_steps:
-      batch = next(batches)
-      state, m = b["train_step"](state, batch, b["rng"])
-      step += 1
-      if prev is not None:
-        _check_finite(*prev)
-      prev = (step, m)
-      pending.append(m)
-      if step % config.log_every_steps == 0 or step == total_steps:
-        _check_finite(step, m)
-        stats = jax.device_get(pending)
-        pending = []
-        scalars = {f"train/{k}": float(np.mean([s[k] for s in stats])) for k in stats[0]}
-        p = progress.update(step)
-        scalars["train/lr"] = float(b["lr_fn"](step - 1))
-        scalars["train/images_per_sec"] = p["images_per_sec"]
-        writer.write_scalars(step, scalars)
-        _log("step %d/%d  loss %.4f  lr %.3g  %.1f img/s  ETA %s", step, total_steps,
-             scalars["train/loss"], scalars["train/lr"], p["images_per_sec"],
-             metrics_lib.format_eta(p["eta_sec"]))
-      if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
-        save(step)
-      if config.eval_every_steps and step % config.eval_every_steps == 0 and step < total_steps:
-        last_eval = run_eval(step)
-      if step == fault_step and jax.process_index() == 0:
-        os.kill(os.getpid(), fault_signal)
-        time.sleep(0.5)  # let the handler run (SIGTERM) before the check below
-      if sigterm.set:
-        _check_finite(step, m)
-        save(step, force=True)
-        ckpt.close()
-        writer.close()
-        _log("SIGTERM: saved a checkpoint at step %d in %s; rerun the same command to resume.",
-             step, ckpt.directory)
-        raise Preempted(143)
+  try:
+    with _SigtermFlag() as sigterm:
+      step = start_step
+      while step < total_steps:
+        batch = next(batches)
+        state, m = b["train_step"](state, batch, b["rng"])
+        step += 1
+        if prev is not None:
+          _check_finite(*prev)
+        prev = (step, m)
+        pending.append(m)
+        if step % config.log_every_steps == 0 or step == total_steps:
+          _check_finite(step, m)
+          stats = jax.device_get(pending)
+          pending = []
+          scalars = {f"train/{k}": float(np.mean([s[k] for s in stats])) for k in stats[0]}
+          p = progress.update(step)
+          scalars["train/lr"] = float(b["lr_fn"](step - 1))
+          scalars["train/images_per_sec"] = p["images_per_sec"]
+          writer.write_scalars(step, scalars)
+          _log("step %d/%d  loss %.4f  lr %.3g  %.1f img/s  ETA %s", step, total_steps,
+               scalars["train/loss"], scalars["train/lr"], p["images_per_sec"],
+               metrics_lib.format_eta(p["eta_sec"]))
+        if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+          save(step)
+        if config.eval_every_steps and step % config.eval_every_steps == 0 and step < total_steps:
+          last_eval = run_eval(step)
+        if step == fault_step and jax.process_index() == 0:
+          os.kill(os.getpid(), fault_signal)
+          time.sleep(0.5)  # let the handler run (SIGTERM) before the check below
+        if _preempted(sigterm.set, step, config.log_every_steps):
+          _check_finite(step, m)
+          save(step, force=True)
+          ckpt.close()
+          writer.close()
+          _log("SIGTERM: saved a checkpoint at step %d in %s; rerun the same command to resume.",
+               step, ckpt.directory)
+          raise Preempted(143)
+  except BaseException as e:
+    if not isinstance(e, Preempted):
+      # Let an in-flight checkpoint write finish so that the last good checkpoint is complete.
+      ckpt.wait()
+    raise
   if prev is not None:
     _check_finite(*prev)
   save(total_steps, force=True)
@@ -261,6 +267,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   _log("Done. Test top-1 %.4f. Logs: %s/metrics.jsonl, TensorBoard: %s/tensorboard, "
        "checkpoints: %s", final["top1"], workdir, workdir, ckpt.directory)
   return final
+
+
+def _preempted(local_flag: bool, step: int, every: int) -> bool:
+  """True when any process got SIGTERM. Processes agree every ``every`` steps (the checkpoint
+  that follows is a collective, so they must all take the same branch at the same step)."""
+  if jax.process_count() == 1:
+    return local_flag
+  if step % every:
+    return False
+  from jax.experimental import multihost_utils
+  flags = multihost_utils.process_allgather(np.array([int(local_flag)], np.int32))
+  return bool(np.asarray(flags).any())
 
 
 def _check_finite(step: int, m: Dict[str, Any]):

@@ -1,0 +1,43 @@
+"""The benchmark scripts run (tiny sizes), print their tables, and the training benchmark never
+imports TensorFlow (it must run on accelerator hosts that have JAX only)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, requires_fashion_mnist, subprocess_env
+
+pytestmark = pytest.mark.slow
+
+NO_TF = """
+import runpy, sys
+sys.argv = {argv!r}
+try:
+  runpy.run_path("scripts/benchmark.py", run_name="__main__")
+except SystemExit as e:
+  if e.code: raise
+assert "tensorflow" not in sys.modules, "benchmark imported TensorFlow"
+print("NO_TF_OK")
+"""
+
+
+def test_benchmark_runs_without_tensorflow():
+  argv = ["benchmark.py", "--model=vit_test_patch4_16", "--batch_size=8", "--resolution=16",
+          "--steps=1", "--warmup=1", "--repeats=1"]
+  r = subprocess.run([sys.executable, "-c", NO_TF.format(argv=argv)], cwd=REPO,
+                     env=subprocess_env(1), capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "NO_TF_OK" in r.stdout
+  out = r.stdout.lower()
+  assert "train" in out and "img/s" in out and "mfu" in out
+
+
+@requires_fashion_mnist
+def test_input_benchmark_reports_pipeline_vs_step():
+  r = subprocess.run([sys.executable, "scripts/benchmark_input.py", "--config=configs/deit3.py:demo",
+                      "--steps=5"], cwd=REPO, env=subprocess_env(1), capture_output=True, text=True,
+                     timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "input pipeline alone" in r.stdout and "pipeline / step =" in r.stdout
