@@ -114,3 +114,9 @@ def test_bad_preprocessing_spec():
        r"config.dataset.train_pp: Unknown preprocessing op 'flp_lr'. Did you mean 'flip_lr'")
   _bad(lambda c: setattr(c.dataset, "eval_pp", "decode|center_crop(28, crop_ratio=2.0)"),
        r"config.dataset.eval_pp: .*crop_ratio must be in \(0, 1\]")
+
+
+def test_mesh_must_fit_devices():
+  _bad(lambda c: setattr(c, "mesh", (("data", 3), ("fsdp", -1))), "does not fit the 8 devices", num_devices=8)
+  _bad(lambda c: setattr(c, "mesh", (("data", 2), ("fsdp", 2))), "must multiply to 8", num_devices=8)
+  _bad(lambda c: setattr(c, "mesh", (("data", -1), ("fsdp", -1))), "at most one axis may be -1")

@@ -51,7 +51,7 @@ def test_one_device_vs_data_parallel_vs_fsdp():
   c1 = runlocal_config()
   l1, p1, _ = train_losses(c1, jax.devices()[:1])
   l8, p8, s8 = train_losses(runlocal_config(), jax.devices())
-  cf = runlocal_config(sharding="fsdp", mesh=[("data", 2), ("fsdp", 4)])
+  cf = runlocal_config(sharding="fsdp", mesh=(("data", 2), ("fsdp", 4)))
   lf, pf, sf = train_losses(cf, jax.devices())
   # The batch really is split over 8 devices, and FSDP really shards the parameters.
   qkv = sf.params["blocks_0"]["attn"]["qkv"]["kernel"]

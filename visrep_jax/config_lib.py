@@ -116,7 +116,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mixup.prob = 1.0
   c.mixup.switch_prob = 0.5
 
-  c.mesh = [("data", -1), ("fsdp", 1)]
+  c.mesh = (("data", -1), ("fsdp", 1))  # (axis, size); -1 fills the remaining devices
   c.sharding = "replicate"         # parameter/optimizer-state rule: replicate | fsdp
   return c
 
@@ -169,6 +169,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
   _check(all(len(a) == 2 and isinstance(a[0], str) for a in config.mesh),
          f"config.mesh must be a list of (axis_name, size) pairs, got {config.mesh!r}.")
   _check(sum(1 for _, n in config.mesh if n == -1) <= 1, "config.mesh: at most one axis may be -1.")
+  if num_devices:
+    fixed = math.prod(n for _, n in config.mesh if n != -1)
+    has_fill = any(n == -1 for _, n in config.mesh)
+    _check(fixed > 0 and (num_devices % fixed == 0 if has_fill else num_devices == fixed),
+           f"config.mesh={tuple(map(tuple, config.mesh))} does not fit the {num_devices} devices; "
+           f"the sizes must multiply to {num_devices} (use -1 for one axis to fill the rest).")
 
   try:
     models.MODELS.get(config.model.name)
