@@ -8,6 +8,14 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# torch (the [torch] extra) must be imported before TensorFlow: importing torch/timm into a
+# process that already loaded TensorFlow crashes it (clashing bundled native libraries).
+try:
+  import torch  # noqa: F401,E402
+  import timm  # noqa: F401,E402  (imports torchvision too)
+except ImportError:
+  pass
+
 import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

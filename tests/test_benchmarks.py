@@ -18,7 +18,7 @@ try:
   runpy.run_path("scripts/benchmark.py", run_name="__main__")
 except SystemExit as e:
   if e.code: raise
-assert "tensorflow" not in sys.modules, "benchmark imported TensorFlow"
+assert sys.modules.get("tensorflow") is None, "benchmark imported TensorFlow"
 print("NO_TF_OK")
 """
 

@@ -6,7 +6,6 @@ Parameter names mirror the official PyTorch modules (``qkv``, ``proj``, ``fc1``,
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable, Optional
 
@@ -64,61 +63,6 @@ def _gelu_bwd(x, g):
 
 
 gelu_exact.defvjp(_gelu_fwd, _gelu_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def layer_norm(x, scale, bias, eps: float = 1e-6):
-  """LayerNorm over the last axis with statistics in float32 (two-pass variance, as PyTorch).
-
-  Hand-written VJP: the forward keeps only ``x`` and the per-row mean / inverse std; the backward
-  recomputes the normalised input inside one fusion. Autodiff of the flax LayerNorm made XLA
-  materialise broadcasts of the per-row statistics at full activation size and split the
-  backward over ~6 fusions per norm (25 norms in a ViT-S step).
-  """
-  return _layer_norm_fwd(x, scale, bias, eps)[0]
-
-
-def _layer_norm_stats(x32, eps):
-  mean = jnp.mean(x32, axis=-1, keepdims=True)
-  xc = x32 - mean
-  rstd = jax.lax.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + eps)
-  return mean, rstd
-
-
-def _layer_norm_fwd(x, scale, bias, eps):
-  x32 = x.astype(jnp.float32)
-  mean, rstd = _layer_norm_stats(x32, eps)
-  y = (x32 - mean) * rstd * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-  return y.astype(x.dtype), (x, mean, rstd, scale, bias)
-
-
-def _layer_norm_bwd(eps, res, g):
-  x, mean, rstd, scale, bias = res
-  xhat = (x.astype(jnp.float32) - mean) * rstd
-  g32 = g.astype(jnp.float32)
-  axes = tuple(range(g.ndim - 1))
-  dscale = jnp.sum(g32 * xhat, axis=axes)
-  dbias = jnp.sum(g32, axis=axes)
-  dxhat = g32 * scale.astype(jnp.float32)
-  dx = rstd * (dxhat - jnp.mean(dxhat, axis=-1, keepdims=True)
-               - xhat * jnp.mean(dxhat * xhat, axis=-1, keepdims=True))
-  return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
-
-
-layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
-
-
-class LayerNorm(nn.Module):
-  """Drop-in for ``nn.LayerNorm`` (same ``scale``/``bias`` parameters) using ``layer_norm``."""
-  epsilon: float = 1e-6
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    d = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (d,), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
-    return layer_norm(x.astype(self.dtype), scale, bias, self.epsilon)
 
 
 class DropPath(nn.Module):
@@ -195,21 +139,52 @@ def _attention_bwd(res, do):
 _attention_core.defvjp(_attention_fwd, _attention_bwd)
 
 
-def multi_head_attention(q, k, v, scale: float, dropout_fn: Optional[Callable] = None):
-  """Scaled dot-product attention on (batch, heads, tokens, head_dim) tensors.
+def self_attention(qkv, num_heads: int, dropout_fn: Optional[Callable] = None,
+                   implementation: Optional[str] = None):
+  """Multi-head scaled dot-product self-attention from a fused qkv projection.
 
-  Why (b, h, n, d) and not jax.nn.dot_product_attention's (b, n, h, d): with the batch dims
-  (b, h) leading and the contraction dim last, every matmul is a plain batched GEMM for the CPU
-  dot library (YNNPACK/oneDNN/Eigen); in (b, n, h, d) layout XLA inserts transposes around each
-  of the four matmuls of the forward and backward. On a 2-core CPU this halves the attention
-  forward time for DeiT-S (B=32). ``dropout_fn`` (attention dropout during training) falls back
-  to plain autodiff.
+  Args:
+    qkv: (batch, tokens, 3 * dim), features ordered [q | k | v], each head-major (timm/deit).
+    num_heads: number of heads; scale is head_dim ** -0.5.
+    dropout_fn: applied to the attention probabilities (attention dropout in training).
+    implementation: 'bhnd' (CPU-tuned, below), 'jax' (``jax.nn.dot_product_attention``) or None:
+      'bhnd' on the CPU backend, 'jax' elsewhere (it dispatches to cuDNN flash attention on GPU).
+
+  Returns: (batch, tokens, dim).
+
+  Why 'bhnd' on CPU: with (batch, heads) leading and the contraction dim last, each of the six
+  attention matmuls of forward + backward is a plain batched GEMM for the CPU dot library
+  (YNNPACK/oneDNN/Eigen), after a single transpose of q, k and v together. In the (b, n, h, d)
+  layout of ``jax.nn.dot_product_attention`` XLA inserts transposes around every matmul
+  (forward 2x slower for DeiT-S, B=32, 2 cores), and its autodiff softmax backward makes extra
+  passes over the (B, H, N, N) tensor; see ``_attention_core``.
   """
-  q = q * jnp.asarray(scale, q.dtype)  # scale the (N, d) queries, not the (N, N) logits
+  b, n, three_d = qkv.shape
+  d = three_d // 3
+  h = num_heads
+  if d % h:
+    raise ValueError(f"embed dim {d} is not divisible by num_heads {h}")
+  hd = d // h
+  scale = hd ** -0.5
+  if implementation is None:
+    implementation = "bhnd" if (dropout_fn is not None or jax.default_backend() == "cpu") else "jax"
+  if implementation == "jax":
+    if dropout_fn is not None:
+      raise ValueError("implementation='jax' does not support attention dropout")
+    qkv = qkv.reshape(b, n, 3, h, hd)
+    out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], scale=scale)
+    return out.reshape(b, n, d)
+  if implementation != "bhnd":
+    raise ValueError(f"unknown attention implementation {implementation!r}")
+  qkv = qkv.reshape(b, n, 3, h, hd).transpose(2, 0, 3, 1, 4)  # (3, b, h, n, hd)
+  q, k, v = qkv[0], qkv[1], qkv[2]
+  q = q * jnp.asarray(scale, q.dtype)  # scale the (N, hd) queries, not the (N, N) logits
   if dropout_fn is None:
-    return _attention_core(q, k, v)
-  p = _attention_probs(q, k).astype(v.dtype)
-  return jnp.einsum("bhqk,bhkd->bhqd", dropout_fn(p), v)
+    out = _attention_core(q, k, v)
+  else:  # rare in practice; plain autodiff
+    p = _attention_probs(q, k).astype(v.dtype)
+    out = jnp.einsum("bhqk,bhkd->bhqd", dropout_fn(p), v)
+  return out.transpose(0, 2, 1, 3).reshape(b, n, d)
 
 
 class Attention(nn.Module):
@@ -223,24 +198,18 @@ class Attention(nn.Module):
   proj_dropout: float = 0.0
   dtype: Dtype = jnp.float32
   kernel_init: Callable = trunc_normal(0.02)
+  implementation: Optional[str] = None  # see self_attention; None picks by backend
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
-    b, n, d = x.shape
+    d = x.shape[-1]
     h = self.num_heads
-    if d % h:
-      raise ValueError(f"embed dim {d} is not divisible by num_heads {h}")
-    hd = d // h
     qkv = nn.Dense(3 * d, use_bias=self.qkv_bias, dtype=self.dtype, kernel_init=self.kernel_init,
                    bias_init=nn.initializers.zeros, name="qkv")(x)
-    # (b, n, 3, h, hd) -> (3, b, h, n, hd): one transpose for q, k and v together.
-    qkv = qkv.reshape(b, n, 3, h, hd).transpose(2, 0, 3, 1, 4)
-    q, k, v = qkv[0], qkv[1], qkv[2]
     dropout_fn = None
     if self.attn_dropout > 0.0 and not deterministic:
       dropout_fn = lambda p: nn.Dropout(self.attn_dropout)(p, deterministic=False)
-    out = multi_head_attention(q, k, v, hd ** -0.5, dropout_fn)
-    out = out.transpose(0, 2, 1, 3).reshape(b, n, d)
+    out = self_attention(qkv, h, dropout_fn, self.implementation)
     out = nn.Dense(d, dtype=self.dtype, kernel_init=self.kernel_init,
                    bias_init=nn.initializers.zeros, name="proj")(out)
     return nn.Dropout(self.proj_dropout)(out, deterministic=deterministic)
