@@ -129,7 +129,8 @@ class JaxBench:
     b = args.batch_size
     rng = np.random.RandomState(0)
     self.images = jnp.asarray(rng.randn(b, res, res, 3).astype(np.float32))
-    self.labels = jnp.asarray(rng.randint(0, 1000, size=(b,)).astype(np.int32))
+    n_cls = max(self.model.num_classes, 1)
+    self.labels = jnp.asarray(rng.randint(0, n_cls, size=(b,)).astype(np.int32))
     self.rng = jax.random.PRNGKey(0)
     params = jax.jit(lambda k: self.model.init(k, self.images[:1])["params"])(self.rng)
     self.n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
@@ -139,7 +140,10 @@ class JaxBench:
 
     t = time.perf_counter()
     self.infer_fn = make_jax_infer(self.model)
-    infer_c = self.infer_fn.lower(self.infer_params, self.images).compile()
+    # Forward-only executables get their own CPU options (see visrep_jax.utils.xla).
+    opts = xla_utils.cpu_compiler_options("infer") if args.cpu_flags else {}
+    infer_c = self.infer_fn.lower(self.infer_params, self.images).compile(
+        compiler_options=opts or None)
     self.fwd_flops = cost_flops(infer_c) / b
     self.infer_fn = infer_c
     self.train_fn = make_jax_train_step(self.model, self.tx)
@@ -179,7 +183,8 @@ class TimmBench:
     b = args.batch_size
     rng = np.random.RandomState(0)
     self.images = torch.from_numpy(rng.randn(b, 3, res, res).astype(np.float32))
-    self.labels = torch.from_numpy(rng.randint(0, 1000, size=(b,)).astype(np.int64))
+    n_cls = max(self.model.num_classes, 1)
+    self.labels = torch.from_numpy(rng.randint(0, n_cls, size=(b,)).astype(np.int64))
     self.opt = torch.optim.AdamW(self.model.parameters(), lr=args.lr,
                                  weight_decay=args.weight_decay)
     self.loss = torch.nn.CrossEntropyLoss()
@@ -219,7 +224,8 @@ def main(args):
   b = args.batch_size
   print(f"devices: {jax.devices()}  cores: {os.cpu_count()}  jax {jax.__version__}  "
         f"matmul precision: {jax.config.jax_default_matmul_precision or 'default'}")
-  print(f"XLA_FLAGS: {os.environ.get('XLA_FLAGS', '')!r}")
+  print(f"XLA_FLAGS: {os.environ.get('XLA_FLAGS', '')!r}  inference compile options: "
+        f"{xla_utils.cpu_compiler_options('infer') if args.cpu_flags else {}}")
   peak = measure_matmul_peak()
   print(f"measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
 

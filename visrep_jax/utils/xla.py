@@ -16,26 +16,30 @@ import warnings
 from typing import Dict, Optional
 
 # Measured on jaxlib 0.10.2, 2-core AMD EPYC (AVX-512), DeiT-S/16 at 224px, batch 32,
-# train step = fwd + bwd + AdamW (see scripts/benchmark.py):
+# train step = fwd + bwd + AdamW (scripts/benchmark.py; A/B runs interleaved, medians):
 #
-# * xla_cpu_experimental_ynn_fusion_type=reduce -- by default jaxlib routes dots, and the
-#   elementwise ops around them, to YNNPACK ("ynn_fusion"). On this machine YNNPACK's GEMMs for
-#   the ViT shapes (M=B*197, K,N in {384, 1152, 1536}) are 5-15% slower than XLA's Eigen GEMM,
-#   and when it fuses a LayerNorm into the following matmul (inference) that matmul gets ~50%
-#   slower. Keeping YNNPACK only for reductions (bias/LayerNorm-parameter gradients, where the
-#   non-YNN path uses a slow reduce-window rewrite) was fastest for training (~8% vs default)
-#   and also faster for inference. Removing YNNPACK entirely was best for inference but ~5%
-#   slower for training.
-# * Flags that made no measurable difference here and are therefore *not* set:
-#   xla_cpu_use_onednn, xla_cpu_enable_concurrency_optimized_scheduler,
-#   xla_cpu_multi_thread_eigen (already true), xla_cpu_use_thunk_runtime (the only runtime
-#   in this jaxlib). Matmul precision is left at its default (full float32 on CPU).
+# * xla_cpu_experimental_ynn_fusion_type=reduce (process-wide, for training). By default this
+#   jaxlib routes dots, and the elementwise ops and reductions around them, to YNNPACK
+#   ("ynn_fusion"). For the ViT GEMMs (M=B*197; K, N in {384, 1152, 1536}) XLA's Eigen GEMM is
+#   5-15% faster on this CPU, and YNNPACK fusing a LayerNorm into the following matmul makes
+#   that matmul ~50% slower. Keeping YNNPACK only for reductions was fastest for training
+#   (~8% vs the default): without it, column reductions (bias / LayerNorm / LayerScale
+#   gradients over B*197 rows) go through XLA's reduce-window rewrite, ~10x slower.
+# * For inference executables (no column reductions) YNNPACK off entirely was another ~10%
+#   faster; ``cpu_compiler_options('infer')`` gives that as a per-executable option.
+# * No measurable effect here, so not set: xla_cpu_use_onednn,
+#   xla_cpu_enable_concurrency_optimized_scheduler, disabling tree_reduction_rewriter,
+#   xla_cpu_multi_thread_eigen (already true), xla_cpu_use_thunk_runtime (the only runtime in
+#   this jaxlib). YNNPACK for eltwise as well was much slower (0.7x). Matmul precision is left
+#   at its default (full float32 on CPU).
 #
-# Unknown flags make XLA abort at start-up, so flags are only applied for jaxlib versions on
-# which they were verified to exist.
-_VERIFIED_CPU_FLAGS = {
-    # (min jaxlib (major, minor), flags)
+# Unknown flags make XLA abort at start-up, so flags are only applied for the jaxlib minor
+# version on which they were verified to exist.
+_VERIFIED_CPU_FLAGS = {  # jaxlib (major, minor) -> process-wide flags
     (0, 10): {"xla_cpu_experimental_ynn_fusion_type": "reduce"},
+}
+_VERIFIED_INFER_OPTIONS = {  # jaxlib (major, minor) -> per-executable options for inference
+    (0, 10): {"xla_cpu_experimental_ynn_fusion_type": ""},
 }
 
 
@@ -51,17 +55,30 @@ def _jaxlib_version() -> Optional[tuple]:
   return tuple(parts)
 
 
+def _for_installed_jaxlib(table) -> Dict[str, str]:
+  version = _jaxlib_version()
+  # Verified only within one minor series: experimental flags come and go.
+  return dict(table.get(version[:2], {})) if version else {}
+
+
 def recommended_cpu_flags() -> Dict[str, str]:
   """The flags ``set_cpu_flags`` would add for the installed jaxlib (may be empty)."""
-  version = _jaxlib_version()
-  if version is None:
+  return _for_installed_jaxlib(_VERIFIED_CPU_FLAGS)
+
+
+def cpu_compiler_options(kind: str = "train") -> Dict[str, str]:
+  """Per-executable XLA options for ``jitted.lower(...).compile(compiler_options=...)``.
+
+  ``kind='infer'`` (forward-only executables) disables YNNPACK for that executable; 'train'
+  returns {} (the process-wide ``set_cpu_flags`` setting is the right one). Empty unless the
+  default backend is CPU and the installed jaxlib is one the options were verified on.
+  """
+  if kind not in ("train", "infer"):
+    raise ValueError(f"kind must be 'train' or 'infer', got {kind!r}")
+  import jax  # deferred: importing this module must not import jax
+  if kind == "train" or jax.default_backend() != "cpu":
     return {}
-  flags: Dict[str, str] = {}
-  for (major, minor), extra in sorted(_VERIFIED_CPU_FLAGS.items()):
-    # Verified only within one minor series: experimental flags come and go.
-    if version[:2] == (major, minor):
-      flags.update(extra)
-  return flags
+  return _for_installed_jaxlib(_VERIFIED_INFER_OPTIONS)
 
 
 def _backend_initialized() -> bool:
