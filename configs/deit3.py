@@ -17,6 +17,8 @@ Arguments (``--config=configs/deit3.py:variant=B,runlocal``):
   demo                   small ViT on Fashion-MNIST (offline), ~8 minutes on 2 CPU cores, ~0.89 top-1.
   runlocal               a few steps on synthetic data (smoke test).
   epochs=N               override the number of epochs (also adapts drop path as in the thesis).
+  init=DIR               start from a checkpoint: a workdir or `python -m visrep_jax.convert --out`.
+  eval_only              evaluate (the init checkpoint, or the workdir's latest) and exit.
 
 Augmentations named by the recipe: RRC + flip + 3-Augment + ColorJitter(0.3), Mixup 0.8 /
 CutMix 1.0 (on device), repeated augmentation x3, BCE with binarised mixed targets.
@@ -34,7 +36,8 @@ IMAGENET_TRAIN = 1_281_167
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, variant="S", demo=False, runlocal=False, epochs=400)
+  args = config_lib.parse_arg(arg, variant="S", demo=False, runlocal=False, epochs=400,
+                              eval_only=False, init="")
   if args.variant not in VARIANTS:
     raise config_lib.ConfigError(
         f"variant={args.variant!r} is not valid; choose one of {', '.join(VARIANTS)}.")
@@ -109,6 +112,9 @@ def get_config(arg=None):
     c.log_every_steps = 100
     c.eval_every_steps = 2000
     c.checkpoint_every_steps = 2000
+
+  c.eval_only = args.eval_only
+  c.init_checkpoint = args.init
 
   if args.runlocal:
     c.model.name = "vit_test_patch4_16"

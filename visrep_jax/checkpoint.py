@@ -48,30 +48,68 @@ def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
                       abstract_state, shardings)
 
 
-def load_params(path: str, abstract_params: Any) -> Any:
-  """Loads the ``params`` of a train-state checkpoint (a workdir, its checkpoints dir, or a step
-  dir) onto ``abstract_params``' shapes/shardings."""
+def load_variables(path: str, abstract_params: Any, abstract_model_state: Any = None
+                   ) -> Tuple[Any, Any]:
+  """Loads ``(params, model_state)`` for ``init_checkpoint`` onto the abstract shapes/shardings.
+
+  ``path``: a training workdir, its ``checkpoints`` dir or a step dir (the train state's
+  ``params`` / ``model_state`` are used), or the output of ``python -m visrep_jax.convert``
+  (``variables/`` with ``params`` and e.g. ``batch_stats``). ``model_state`` is ``{}`` when the
+  model has none; a model with BatchNorm statistics requires them in the checkpoint.
+  """
   path = os.path.abspath(path)
-  candidates = [path, os.path.join(path, "checkpoints")]
-  for d in candidates:
+  for d in (path, os.path.join(path, "checkpoints")):
     if os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d)):
       step = max(int(n) for n in os.listdir(d) if n.isdigit())
       path = os.path.join(d, str(step))
       break
-  state_dir = os.path.join(path, "state") if os.path.isdir(os.path.join(path, "state")) else path
+  state_dir = path
+  for sub in ("state", "variables"):
+    if os.path.isdir(os.path.join(path, sub)):
+      state_dir = os.path.join(path, sub)
+      break
   if not os.path.isdir(state_dir):
     raise FileNotFoundError(f"No checkpoint at {path}: expected an orbax checkpoint directory "
-                            "(a workdir, WORKDIR/checkpoints or WORKDIR/checkpoints/<step>).")
-  ckptr = ocp.PyTreeCheckpointer()
-  tree = ckptr.restore(state_dir)
-  params = tree["params"] if "params" in tree else tree
+                            "(a workdir, WORKDIR/checkpoints, WORKDIR/checkpoints/<step>, or the "
+                            "--out of python -m visrep_jax.convert).")
+  tree = ocp.PyTreeCheckpointer().restore(state_dir)
+  if not isinstance(tree, dict) or "params" not in tree:
+    raise ValueError(f"checkpoint {path} has no 'params' (top-level keys: "
+                     f"{sorted(tree) if isinstance(tree, dict) else type(tree).__name__})")
+  params = tree["params"]
+  stored_state = tree.get("model_state") or {k: v for k, v in tree.items()
+                                             if k not in ("params", "step", "opt_state")}
+
   def place(a, x):
     if tuple(a.shape) != tuple(x.shape):
-      raise ValueError(f"checkpoint {path}: parameter shape {tuple(x.shape)} != model's {tuple(a.shape)}")
+      raise ValueError(f"shape {tuple(x.shape)} != model's {tuple(a.shape)}")
     sharding = getattr(a, "sharding", None)
     return jax.device_put(x, sharding) if sharding is not None else x
 
-  try:
-    return jax.tree.map(place, abstract_params, params)
-  except ValueError as e:
-    raise ValueError(f"checkpoint {path} does not match the model: {e}") from None
+  def restore(abstract, stored, what):
+    a_flat = dict(jax.tree_util.tree_flatten_with_path(abstract)[0])
+    s_flat = dict(jax.tree_util.tree_flatten_with_path(stored)[0])
+    missing = sorted(jax.tree_util.keystr(k) for k in a_flat if k not in s_flat)
+    extra = sorted(jax.tree_util.keystr(k) for k in s_flat if k not in a_flat)
+    if missing or extra:
+      raise ValueError(
+          f"checkpoint {path} does not match the model's {what}: missing {missing[:8]}"
+          f"{' ...' if len(missing) > 8 else ''}, unexpected {extra[:8]}"
+          f"{' ...' if len(extra) > 8 else ''} (is config.model the checkpoint's model?)")
+    try:
+      return jax.tree.map(place, abstract, stored)
+    except ValueError as e:
+      raise ValueError(f"checkpoint {path} does not match the model's {what}: {e}") from None
+
+  params = restore(abstract_params, params, "parameters")
+  model_state = {}
+  if abstract_model_state:
+    model_state = restore(abstract_model_state,
+                          {k: stored_state.get(k, {}) for k in abstract_model_state},
+                          "state (e.g. BatchNorm statistics)")
+  return params, model_state
+
+
+def load_params(path: str, abstract_params: Any) -> Any:
+  """The ``params`` of :func:`load_variables`."""
+  return load_variables(path, abstract_params)[0]

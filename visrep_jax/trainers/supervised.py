@@ -166,8 +166,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       _log("Note: the config differs from the checkpoint's; continuing with the new one.")
   elif config.init_checkpoint:
     abstract_params = ckpt_lib.abstract_with_shardings(state.params, b["state_shardings"].params)
-    params = ckpt_lib.load_params(config.init_checkpoint, abstract_params)
-    state = state.replace(params=params)
+    abstract_model_state = ckpt_lib.abstract_with_shardings(state.model_state,
+                                                            b["state_shardings"].model_state)
+    params, model_state = ckpt_lib.load_variables(config.init_checkpoint, abstract_params,
+                                                  abstract_model_state)
+    state = state.replace(params=params, model_state=model_state or state.model_state)
     _log("Initialised parameters from %s.", config.init_checkpoint)
 
   eval_input = pipeline.make_eval(b["source"], config.dataset.eval_split, config.dataset.eval_pp,
