@@ -15,8 +15,8 @@ import importlib
 import pkgutil
 
 from visrep_jax.registry import UnknownNameError
-from visrep_jax.models.zoo import (MODELS, create, default_kwargs, list_models, make_module,
-                                   paper_metadata, register_model)
+from visrep_jax.models.zoo import (MODELS, create, default_kwargs, flops, list_models, make_module,
+                                   num_params, paper_metadata, register_model, variable_shapes)
 
 _NOT_FAMILIES = {"zoo", "layers"}
 for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
@@ -26,4 +26,5 @@ for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
 from visrep_jax.models.vit import VisionTransformer  # noqa: E402
 
 __all__ = ["create", "list_models", "register_model", "MODELS", "UnknownNameError",
-           "VisionTransformer", "default_kwargs", "paper_metadata", "make_module"]
+           "VisionTransformer", "default_kwargs", "paper_metadata", "make_module", "flops", "num_params",
+           "variable_shapes"]

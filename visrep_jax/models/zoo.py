@@ -51,3 +51,97 @@ def default_kwargs(name: str) -> Dict[str, Any]:
 def paper_metadata(name: str) -> Dict[str, Any]:
   MODELS.get(name)
   return dict(_SPECS[name][2])
+
+
+# --------------------------------------------------------------------------------------------
+# Sizes: parameter counts and FLOPs, without allocating the model
+# --------------------------------------------------------------------------------------------
+
+_COUNTING_MACS = [False]
+
+
+def counting_macs() -> bool:
+  """True while :func:`flops` traces a model. A module that computes a product with elementwise
+  ops for speed (e.g. CaiT's head mixing) should then express it as a dot so it is counted."""
+  return _COUNTING_MACS[0]
+
+
+def _input_size(model: nn.Module, resolution) -> int:
+  return int(resolution or getattr(model, "img_size", None) or 224)
+
+
+def variable_shapes(name_or_model, resolution: int = 0, **overrides):
+  """``jax.eval_shape`` of the model's variables (no memory is allocated)."""
+  import jax
+  import jax.numpy as jnp
+  model = create(name_or_model, **overrides) if isinstance(name_or_model, str) else name_or_model
+  res = _input_size(model, resolution)
+  x = jax.ShapeDtypeStruct((1, res, res, 3), jnp.float32)
+  return jax.eval_shape(lambda im: model.init(
+      {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}, im, train=False), x)
+
+
+def num_params(name_or_model, **overrides) -> int:
+  """Number of trainable parameters (the ``params`` collection)."""
+  import jax
+  import numpy as np
+  shapes = variable_shapes(name_or_model, **overrides)
+  return int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(shapes["params"])))
+
+
+def _sub_jaxprs(eqn):
+  from jax.extend import core as jcore
+  for v in eqn.params.values():
+    for item in (v if isinstance(v, (list, tuple)) else (v,)):
+      if isinstance(item, jcore.ClosedJaxpr):
+        yield item.jaxpr
+      elif isinstance(item, jcore.Jaxpr):
+        yield item
+
+
+def _count_macs(jaxpr) -> int:
+  import numpy as np
+  total = 0
+  for eqn in jaxpr.eqns:
+    prim = eqn.primitive.name
+    if prim == "dot_general":
+      (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+      lhs, rhs = (v.aval.shape for v in eqn.invars)
+      free_rhs = [d for i, d in enumerate(rhs) if i not in rc and i not in rb]
+      total += int(np.prod(lhs, dtype=np.int64)) * int(np.prod(free_rhs, dtype=np.int64))
+    elif prim == "conv_general_dilated":
+      out = eqn.outvars[0].aval.shape
+      rhs = eqn.invars[1].aval.shape
+      dn = eqn.params["dimension_numbers"]
+      o_dim, i_dim = dn.rhs_spec[0], dn.rhs_spec[1]
+      per_out = int(np.prod(rhs, dtype=np.int64)) // rhs[o_dim]  # kh * kw * (in / groups)
+      total += int(np.prod(out, dtype=np.int64)) * per_out
+      del i_dim
+    for sub in _sub_jaxprs(eqn):
+      # Control flow that repeats its body (scan) multiplies; cond/while bodies count once.
+      reps = eqn.params.get("length", 1) if prim == "scan" else 1
+      total += reps * _count_macs(sub)
+  return total
+
+
+def flops(name_or_model, resolution: int = 0, **overrides) -> int:
+  """Multiply-accumulates of one eval-mode forward pass of one image at ``resolution``.
+
+  This is what the papers (DeiT, CaiT, ResMLP, PatchConvNet, ResNet) report as "FLOPs":
+  matrix products and convolutions, one per multiply-add, elementwise ops not counted.
+  Counted exactly from the traced computation (no compilation, no memory allocated).
+  """
+  import jax
+  import jax.numpy as jnp
+  model = create(name_or_model, **overrides) if isinstance(name_or_model, str) else name_or_model
+  res = _input_size(model, resolution)
+  if res != _input_size(model, 0) and hasattr(model, "img_size"):
+    model = model.clone(img_size=res)
+  variables = variable_shapes(model, res)
+  x = jax.ShapeDtypeStruct((1, res, res, 3), jnp.float32)
+  _COUNTING_MACS[0] = True
+  try:
+    jaxpr = jax.make_jaxpr(lambda v, im: model.apply(v, im, train=False))(variables, x)
+  finally:
+    _COUNTING_MACS[0] = False
+  return _count_macs(jaxpr.jaxpr)
