@@ -47,6 +47,11 @@ def parse_args(argv=None):
   p.add_argument("--vs-timm", "--vs_timm", dest="vs_timm", action="store_true",
                  help="also time the timm model in PyTorch and print JAX/timm ratios")
   p.add_argument("--timm_model", default=None, help="timm name if it differs from --model")
+  p.add_argument("--torch_ref", default=None,
+                 help="with --vs-timm: time this PyTorch model instead of a timm one, given as "
+                      "'module:callable' (e.g. tests.torch_refs.patchconvnet_ref:S60, run from "
+                      "the repository root) or 'path/to/file.py:callable'; called with "
+                      "img_size=RES, it must return an nn.Module with a num_classes attribute")
   p.add_argument("--no-train", dest="train", action="store_false")
   p.add_argument("--no-infer", dest="infer", action="store_false")
   p.add_argument("--no-cpu-flags", dest="cpu_flags", action="store_false",
@@ -177,8 +182,11 @@ class TimmBench:
     import timm
     self.torch = torch
     torch.set_num_threads(args.threads or os.cpu_count())
-    name = args.timm_model or args.model
-    self.model = timm.create_model(name, pretrained=False, img_size=res)
+    if args.torch_ref:
+      self.model = _load_torch_ref(args.torch_ref)(img_size=res)
+    else:
+      name = args.timm_model or args.model
+      self.model = timm.create_model(name, pretrained=False, img_size=res)
     self.n_params = sum(p.numel() for p in self.model.parameters())
     b = args.batch_size
     rng = np.random.RandomState(0)
@@ -210,6 +218,24 @@ class TimmBench:
         self.model(self.images)
 
 
+def _load_torch_ref(spec: str):
+  """'module:callable' or 'file.py:callable' -> the callable (for non-timm PyTorch models)."""
+  import importlib
+  import importlib.util
+  target, sep, attr = spec.rpartition(":")
+  if not sep or not target or not attr:
+    raise SystemExit(f"--torch_ref must be 'module:callable' or 'file.py:callable', got {spec!r}")
+  if target.endswith(".py"):
+    modspec = importlib.util.spec_from_file_location("_torch_ref", target)
+    if modspec is None or not os.path.exists(target):
+      raise SystemExit(f"--torch_ref: no such file {target}")
+    module = importlib.util.module_from_spec(modspec)
+    modspec.loader.exec_module(module)
+  else:
+    module = importlib.import_module(target)
+  return getattr(module, attr)
+
+
 # ---------------------------------------------------------------------------------------------
 
 def timed(fn, steps):
@@ -236,8 +262,9 @@ def main(args):
   if args.vs_timm:
     benches["timm"] = TimmBench(args, res)
     import torch
+    ref = f"torch_ref {args.torch_ref}" if args.torch_ref else "timm"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"timm params {benches['timm'].n_params / 1e6:.2f}M")
+          f"{ref} params {benches['timm'].n_params / 1e6:.2f}M")
 
   modes = [m for m, on in (("train", args.train), ("infer", args.infer)) if on]
   for mode in modes:  # warm-up: JIT/dispatch caches, torch allocator, oneDNN primitives

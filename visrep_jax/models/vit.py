@@ -1,15 +1,23 @@
-"""Vision Transformer family: DeiT III (``models_v2.vit_models``) and plain ViT/DeiT options.
+"""Vision Transformer family: DeiT (incl. distilled) and DeiT III, one module.
 
-Layout follows facebookresearch/deit ``models_v2.py``: the learned position embedding has no
-class-token slot and is added to the patch tokens *before* the class token is prepended;
-LayerScale (init 1e-4) on both residual branches; uniform stochastic depth; final LayerNorm;
-the head reads the class token. Parameter names follow the PyTorch state dict.
+* DeiT III (facebookresearch/deit ``models_v2.vit_models``): the learned position embedding has
+  no class-token slot and is added to the patch tokens *before* the class token is prepended;
+  LayerScale (init 1e-4) on both residual branches; uniform stochastic depth.
+* DeiT (deit ``models.py`` = timm 0.3 ``VisionTransformer`` / ``DistilledVisionTransformer``):
+  the position embedding has slots for the class (and distillation) token and is added after
+  they are prepended; no LayerScale; stochastic depth grows linearly with depth. The distilled
+  models add a ``dist_token`` (token order [cls, dist, patches]) read by a second head
+  ``head_dist``.
+
+Both: pre-norm blocks, final LayerNorm, the head reads the class token. Parameter names follow
+the official PyTorch state dicts (``blocks.3.gamma_1`` -> ``blocks_3/gamma_1``).
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
+import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
@@ -20,6 +28,15 @@ Dtype = Any
 
 
 class VisionTransformer(nn.Module):
+  """ViT / DeiT / DeiT III; the registered names below fix the options of each paper.
+
+  Distilled models (``distilled=True``) return, in eval mode, the fusion of the two heads
+  (``distilled_fusion``: 'mean_logits', the average of the logits as deit/timm do, or
+  'mean_probs', log of the average of the softmax outputs as the DeiT paper describes, so that
+  softmax(logits) is the averaged distribution); in train mode the class head's logits. Both
+  heads' logits are always in ``out['cls_logits']`` / ``out['dist_logits']`` for a
+  distillation loss; ``pre_logits`` is the average of the two normalised tokens (as timm).
+  """
   num_classes: int = 1000
   img_size: int = 224
   patch_size: int = 16
@@ -38,6 +55,18 @@ class VisionTransformer(nn.Module):
   global_pool: str = "token"                # 'token' (class token) or 'avg' (mean of patches)
   dtype: Dtype = jnp.float32                # compute dtype; parameters stay float32
   remat: bool = False                       # rematerialise each block in the backward pass
+  distilled: bool = False                   # DeiT-distilled: dist_token + head_dist
+  distilled_fusion: str = "mean_logits"     # eval-mode fusion of the heads: or 'mean_probs'
+
+  @staticmethod
+  def torch_rename(key: str) -> Optional[str]:
+    """timm names -> deit-repo names: DeiT III LayerScale ``ls1.gamma`` -> ``gamma_1``."""
+    if key.startswith("module."):
+      key = key[len("module."):]
+    parts = key.split(".")
+    if len(parts) == 4 and parts[0] == "blocks" and parts[2] in ("ls1", "ls2") and parts[3] == "gamma":
+      return f"blocks.{parts[1]}.gamma_{parts[2][-1]}"
+    return key
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -45,6 +74,12 @@ class VisionTransformer(nn.Module):
       raise ValueError(f"expected NHWC images, got shape {images.shape}")
     if self.global_pool not in ("token", "avg"):
       raise ValueError(f"global_pool must be 'token' or 'avg', got {self.global_pool!r}")
+    if self.distilled and self.global_pool != "token":
+      raise ValueError("distilled models read the class and distillation tokens: "
+                       f"global_pool must be 'token', got {self.global_pool!r}")
+    if self.distilled_fusion not in ("mean_logits", "mean_probs"):
+      raise ValueError("distilled_fusion must be 'mean_logits' or 'mean_probs', got "
+                       f"{self.distilled_fusion!r}")
     deterministic = not train
     x = images.astype(self.dtype)
     x, (gh, gw) = layers.PatchEmbed(self.patch_size, self.embed_dim, self.dtype,
@@ -57,14 +92,18 @@ class VisionTransformer(nn.Module):
           f"img_size={images.shape[1]} (and resample the position embedding of a checkpoint)")
     b, n, d = x.shape
     init = layers.trunc_normal(0.02)
-    cls = self.param("cls_token", init, (1, 1, d), jnp.float32).astype(self.dtype)
-    cls = jnp.broadcast_to(cls, (b, 1, d))
+    prefix = [jnp.broadcast_to(
+        self.param("cls_token", init, (1, 1, d), jnp.float32).astype(self.dtype), (b, 1, d))]
+    if self.distilled:
+      prefix.append(jnp.broadcast_to(
+          self.param("dist_token", init, (1, 1, d), jnp.float32).astype(self.dtype), (b, 1, d)))
+    n_prefix = len(prefix)
     if self.pos_embed_cls_slot:
-      pos = self.param("pos_embed", init, (1, n + 1, d), jnp.float32).astype(self.dtype)
-      x = jnp.concatenate([cls, x], axis=1) + pos
+      pos = self.param("pos_embed", init, (1, n + n_prefix, d), jnp.float32).astype(self.dtype)
+      x = jnp.concatenate(prefix + [x], axis=1) + pos
     else:
       pos = self.param("pos_embed", init, (1, n, d), jnp.float32).astype(self.dtype)
-      x = jnp.concatenate([cls, x + pos], axis=1)
+      x = jnp.concatenate(prefix + [x + pos], axis=1)
     x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
 
     block_cls = layers.LayerScaleBlock
@@ -80,17 +119,35 @@ class VisionTransformer(nn.Module):
                     attn_dropout=self.attn_dropout, dtype=self.dtype,
                     name=f"blocks_{i}")(x, deterministic)
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
-    tokens = x[:, 1:]
-    pre_logits = x[:, 0] if self.global_pool == "token" else tokens.mean(axis=1)
-    out = {"tokens": tokens, "pre_logits": pre_logits, "grid": (gh, gw)}
-    y = nn.Dropout(self.head_dropout)(pre_logits, deterministic=deterministic)
-    if self.num_classes > 0:
-      logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=init,
-                        bias_init=nn.initializers.zeros, name="head")(y)
+    tokens = x[:, n_prefix:]
+    out = {"tokens": tokens, "grid": (gh, gw)}
+
+    def head(feature, name):
+      y = nn.Dropout(self.head_dropout)(feature, deterministic=deterministic)
+      if self.num_classes <= 0:
+        return y
+      return nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=init,
+                      bias_init=nn.initializers.zeros, name=name)(y)
+
+    if not self.distilled:
+      pre_logits = x[:, 0] if self.global_pool == "token" else tokens.mean(axis=1)
+      logits = head(pre_logits, "head").astype(jnp.float32)
     else:
-      logits = y
+      pre_logits = (x[:, 0] + x[:, 1]) / 2
+      cls_logits = head(x[:, 0], "head").astype(jnp.float32)
+      dist_logits = head(x[:, 1], "head_dist").astype(jnp.float32)
+      out["cls_logits"], out["dist_logits"] = cls_logits, dist_logits
+      if train:
+        logits = cls_logits
+      elif self.distilled_fusion == "mean_logits" or self.num_classes <= 0:
+        logits = (cls_logits + dist_logits) / 2
+      else:  # log of the mean of the two softmax distributions
+        logits = jax.nn.logsumexp(
+            jnp.stack([jax.nn.log_softmax(cls_logits), jax.nn.log_softmax(dist_logits)]),
+            axis=0) - jnp.log(2.0)
+    out["pre_logits"] = pre_logits
     out["logits"] = logits
-    return logits.astype(jnp.float32), out
+    return logits, out
 
 
 def vit_params_from_torch(state_dict) -> dict:
@@ -139,6 +196,37 @@ def vit_params_from_torch(state_dict) -> dict:
     else:  # bias, cls_token, pos_embed, gamma_*
       put(parts, v)
   return params
+
+
+# --- DeiT (facebookresearch/deit models.py; timm names deit_*) ---------------------------------
+# Position embedding with class (and distillation) token slots, no LayerScale, linearly
+# increasing stochastic depth. Paper numbers: params and ImageNet top-1 (300 epochs) from thesis
+# Table 3.5, GFLOPs (multiply-adds) from Table 3.17 (DeiT-Ti FLOPs are not in the thesis). The
+# paper rounds parameters to whole millions (DeiT-Ti: 5.72M printed as "5M", DeiT-Ti-distilled
+# 5.91M as "6M", DeiT-B at 384: 86.86M as "86M"), hence ``params_tol_m=1``.
+_DEIT = {
+    "tiny": dict(embed_dim=192, num_heads=3),
+    "small": dict(embed_dim=384, num_heads=6),
+    "base": dict(embed_dim=768, num_heads=12),
+}
+_DEIT_META = {  # (size, distilled, resolution) -> thesis numbers
+    ("tiny", False, 224): dict(params_m=5, top1=72.2),
+    ("small", False, 224): dict(params_m=22, gflops=4.6, top1=79.8),
+    ("base", False, 224): dict(params_m=86, gflops=17.5, top1=81.8),
+    ("base", False, 384): dict(params_m=86, gflops=55.4, top1=83.1),
+    ("tiny", True, 224): dict(params_m=6, top1=74.5),
+    ("small", True, 224): dict(params_m=22, top1=81.2),
+    ("base", True, 224): dict(params_m=87, top1=83.4),
+    # 84.5 after 300 epochs; the released checkpoint is the 1000-epoch model (85.2).
+    ("base", True, 384): dict(params_m=87, gflops=55.5, top1=84.5),
+}
+for (_size, _distilled, _res), _meta in _DEIT_META.items():
+  _name = f"deit_{_size}{'_distilled' if _distilled else ''}_patch16_{_res}"
+  register_model(_name, VisionTransformer, img_size=_res, patch_size=16, depth=12,
+                 layerscale_init=None, pos_embed_cls_slot=True, drop_path_uniform=False,
+                 distilled=_distilled, **_DEIT[_size],
+                 _meta=dict(_meta, params_tol_m=1.0,
+                            source="thesis Table 3.5 (params, top-1), Table 3.17 (GFLOPs)"))
 
 
 # --- DeiT III (facebookresearch/deit models_v2.py; timm names deit3_*) -------------------------

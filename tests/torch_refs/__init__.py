@@ -1,0 +1,1 @@
+"""Hand-written PyTorch reference models for families that timm does not have."""

@@ -1,0 +1,300 @@
+"""ResNet-18/34/50/101 in torchvision's layout (v1.5: the stride is on the 3x3 conv).
+
+Parameter names mirror the torchvision / timm state dicts (``conv1``, ``bn1``, ``layer1_0/conv1``,
+``layer2_0/downsample_0``, ``downsample_1``, ``fc``), so their checkpoints load with
+``visrep_jax.convert.load_torch_checkpoint``. BatchNorm running statistics live in the
+``batch_stats`` collection: ``apply(variables, x, train=True, mutable=['batch_stats'])`` normalises
+with batch statistics and returns the updated running averages (under ``jit`` with a sharded
+batch the statistics are over the global batch, i.e. synchronised BN). In eval mode the BN
+affine transform is folded into the preceding convolution inside the traced forward (kernel
+scaled per output channel, shift added after the conv): the same math as conv -> BN, one fewer
+elementwise multiply per activation, no change to the stored variables.
+
+Options: ``replace_stride_with_dilation`` (torchvision; e.g. ``(False, False, True)`` for the
+CrossTransformers stride-16 backbone: a 14x14 map at 224px), ``zero_init_last`` (gamma of the
+last BN of each residual branch = 0, as timm / SimCLR / Goyal et al.), ``drop_path_rate``
+(timm's linear per-block rule), ``dropout`` before ``fc``, ``remat`` per block, ``dtype``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from visrep_jax.models import layers
+from visrep_jax.models.zoo import register_model
+
+Dtype = Any
+
+# torchvision / timm: kaiming_normal_(mode='fan_out', nonlinearity='relu') for every conv.
+he_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class Conv2d(nn.Module):
+  """``torch.nn.Conv2d`` in NHWC: symmetric integer padding, dilation, kernel (kh, kw, in, out).
+
+  ``out_scale`` / ``out_shift`` (per output channel) fold a following affine map (an eval-mode
+  BatchNorm) into the convolution: conv(x, W * s) + t == conv(x, W) * s + t.
+  """
+  features: int
+  kernel_size: int = 3
+  stride: int = 1
+  padding: int = 0
+  dilation: int = 1
+  use_bias: bool = False
+  dtype: Dtype = jnp.float32
+  kernel_init: Callable = he_normal_fan_out
+  bias_init: Optional[Callable] = None  # None: PyTorch's U(+-1/sqrt(fan_in))
+
+  @nn.compact
+  def __call__(self, x, out_scale=None, out_shift=None):
+    k = self.kernel_size
+    kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features),
+                        jnp.float32)
+    if out_scale is not None:
+      kernel = kernel * out_scale
+    p = self.padding
+    y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride),
+        ((p, p), (p, p)), rhs_dilation=(self.dilation, self.dilation),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    shift = None
+    if self.use_bias:
+      bias_init = self.bias_init or layers.torch_conv_bias_init(k * k * x.shape[-1])
+      bias = self.param("bias", bias_init, (self.features,), jnp.float32)
+      shift = bias if out_scale is None else bias * out_scale
+    if out_shift is not None:
+      shift = out_shift if shift is None else shift + out_shift
+    if shift is not None:
+      y = y + shift.astype(self.dtype)
+    return y
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm over the last axis with PyTorch's semantics (variables as ``nn.BatchNorm``).
+
+  Params ``scale`` / ``bias``, ``batch_stats`` ``mean`` / ``var``. Training normalises with the
+  biased batch variance and updates the running variance with the unbiased one, as
+  ``torch.nn.BatchNorm2d`` (and Keras' fused BN) do; ``momentum`` is the flax convention
+  (running = momentum * running + (1 - momentum) * batch), i.e. torch momentum 0.1 == 0.9 here.
+  Statistics are computed in float32 whatever the compute dtype.
+  """
+  num_features: int
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  use_scale: bool = True
+  use_bias: bool = True
+  scale_init: Callable = nn.initializers.ones
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    f = (self.num_features,)
+    self.scale = self.param("scale", self.scale_init, f, jnp.float32) if self.use_scale else None
+    self.bias = self.param("bias", nn.initializers.zeros, f, jnp.float32) if self.use_bias else None
+    self.ra_mean = self.variable("batch_stats", "mean", jnp.zeros, f, jnp.float32)
+    self.ra_var = self.variable("batch_stats", "var", jnp.ones, f, jnp.float32)
+
+  def _affine(self, mean, var):
+    mul = jax.lax.rsqrt(var + self.epsilon)
+    if self.scale is not None:
+      mul = mul * self.scale
+    add = -mean * mul
+    if self.bias is not None:
+      add = add + self.bias
+    return mul, add
+
+  def affine(self):
+    """Eval-mode (mul, add), float32: y = x * mul + add with the running statistics."""
+    return self._affine(self.ra_mean.value, self.ra_var.value)
+
+  def __call__(self, x, train: bool):
+    if not train:
+      mul, add = self.affine()
+      return (x * mul.astype(x.dtype) + add.astype(x.dtype)).astype(self.dtype)
+    axes = tuple(range(x.ndim - 1))
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axes)
+    # One pass over x (E[x^2] - E[x]^2, as flax's default): both sums fuse into one reduction.
+    var = jnp.maximum(jnp.mean(x32 * x32, axes) - mean * mean, 0.0)
+    if not self.is_initializing():
+      if not self.is_mutable_collection("batch_stats"):
+        raise ValueError("train=True updates the BatchNorm running statistics: call "
+                         "model.apply(variables, x, train=True, mutable=['batch_stats']) and keep "
+                         "the returned batch_stats")
+      n = x.size // x.shape[-1]
+      m = self.momentum
+      unbiased = var * (n / max(n - 1, 1))
+      self.ra_mean.value = m * self.ra_mean.value + (1.0 - m) * jax.lax.stop_gradient(mean)
+      self.ra_var.value = m * self.ra_var.value + (1.0 - m) * jax.lax.stop_gradient(unbiased)
+    mul, add = self._affine(mean, var)
+    return (x32 * mul + add).astype(self.dtype)
+
+
+def conv_bn(x, conv: Conv2d, bn: BatchNorm, train: bool):
+  """conv -> BN; in eval mode the BN is folded into the conv (see module docstring)."""
+  if train:
+    return bn(conv(x), train=True)
+  mul, add = bn.affine()
+  return conv(x, out_scale=mul, out_shift=add)
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convs (ResNet-18/34). In a dilated stage the first conv of the first block keeps
+  the previous dilation (timm's ``first_dilation``)."""
+  planes: int
+  stride: int = 1
+  dilation: int = 1
+  first_dilation: int = 1
+  downsample: bool = False
+  drop_path: float = 0.0
+  zero_init_last: bool = True
+  dtype: Dtype = jnp.float32
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    p, d0, d = self.planes, self.first_dilation, self.dilation
+    bn = functools.partial(BatchNorm, dtype=self.dtype)
+    conv = functools.partial(Conv2d, dtype=self.dtype)
+    y = conv_bn(x, conv(p, 3, self.stride, d0, d0, name="conv1"), bn(p, name="bn1"), train)
+    y = nn.relu(y)
+    last_init = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
+    y = conv_bn(y, conv(p, 3, 1, d, d, name="conv2"), bn(p, scale_init=last_init, name="bn2"),
+                train)
+    return _residual(self, x, y, p, train)
+
+
+class Bottleneck(nn.Module):
+  """1x1 -> 3x3 (stride, dilation) -> 1x1 (x4) convs (ResNet-50/101), torchvision v1.5."""
+  planes: int
+  stride: int = 1
+  dilation: int = 1
+  first_dilation: int = 1
+  downsample: bool = False
+  drop_path: float = 0.0
+  zero_init_last: bool = True
+  dtype: Dtype = jnp.float32
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    p, d0 = self.planes, self.first_dilation
+    out = p * self.expansion
+    bn = functools.partial(BatchNorm, dtype=self.dtype)
+    conv = functools.partial(Conv2d, dtype=self.dtype)
+    y = nn.relu(conv_bn(x, conv(p, 1, name="conv1"), bn(p, name="bn1"), train))
+    y = nn.relu(conv_bn(y, conv(p, 3, self.stride, d0, d0, name="conv2"), bn(p, name="bn2"),
+                        train))
+    last_init = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
+    y = conv_bn(y, conv(out, 1, name="conv3"), bn(out, scale_init=last_init, name="bn3"), train)
+    return _residual(self, x, y, out, train)
+
+
+def _residual(block, x, y, out_features, train):
+  if block.downsample:  # torchvision: Sequential(conv1x1(stride), BN)
+    shortcut = conv_bn(x, Conv2d(out_features, 1, block.stride, dtype=block.dtype,
+                                 name="downsample_0"),
+                       BatchNorm(out_features, dtype=block.dtype, name="downsample_1"), train)
+  else:
+    shortcut = x.astype(block.dtype)
+  y = layers.DropPath(block.drop_path)(y, deterministic=not train)
+  return nn.relu(y + shortcut)
+
+
+class ResNet(nn.Module):
+  """torchvision ResNet; ``(logits, out)`` with ``out['feature_map']`` = layer4 output (B,h,w,C),
+  ``out['pre_logits']`` its global average, ``out['stages']`` the four stage outputs (C2-C5)."""
+  block: str = "bottleneck"             # 'basic' (ResNet-18/34) or 'bottleneck' (50/101/152)
+  stage_sizes: Sequence[int] = (3, 4, 6, 3)
+  num_classes: int = 1000               # 0: no fc, logits = pre_logits (feature extractor)
+  img_size: int = 224                   # nominal resolution (any input size works)
+  width: int = 64
+  replace_stride_with_dilation: Sequence[bool] = (False, False, False)
+  downsample_first_stage: bool = False  # 1x1 projection shortcut also in layer1 (meta-dataset)
+  zero_init_last: bool = True
+  drop_path_rate: float = 0.0
+  dropout: float = 0.0
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    if images.ndim != 4:
+      raise ValueError(f"expected NHWC images, got shape {images.shape}")
+    if self.block not in ("basic", "bottleneck"):
+      raise ValueError(f"block must be 'basic' or 'bottleneck', got {self.block!r}")
+    if len(self.replace_stride_with_dilation) != 3:
+      raise ValueError("replace_stride_with_dilation must have 3 entries (layer2, layer3, "
+                       f"layer4), got {self.replace_stride_with_dilation}")
+    block_cls = BasicBlock if self.block == "basic" else Bottleneck
+    expansion = block_cls.expansion
+    if self.remat:
+      block_cls = nn.remat(block_cls, static_argnums=(2,))
+
+    x = images.astype(self.dtype)
+    x = conv_bn(x, Conv2d(self.width, 7, 2, 3, dtype=self.dtype, name="conv1"),
+                BatchNorm(self.width, dtype=self.dtype, name="bn1"), train)
+    x = nn.relu(x)
+    x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+
+    total = sum(self.stage_sizes)
+    idx = 0
+    dilation = 1
+    in_features = self.width
+    stages = []
+    for s, n_blocks in enumerate(self.stage_sizes):
+      planes = self.width * 2 ** s
+      stride = 1 if s == 0 else 2
+      prev_dilation = dilation
+      if s > 0 and self.replace_stride_with_dilation[s - 1]:
+        dilation *= stride
+        stride = 1
+      for b in range(n_blocks):
+        first = b == 0
+        needs_proj = first and (stride != 1 or in_features != planes * expansion
+                                or (s == 0 and self.downsample_first_stage))
+        dp = self.drop_path_rate * idx / max(total - 1, 1)
+        x = block_cls(planes=planes, stride=stride if first else 1, dilation=dilation,
+                      first_dilation=prev_dilation if first else dilation,
+                      downsample=needs_proj, drop_path=dp, zero_init_last=self.zero_init_last,
+                      dtype=self.dtype, name=f"layer{s + 1}_{b}")(x, train)
+        in_features = planes * expansion
+        idx += 1
+      stages.append(x)
+
+    pre_logits = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    out = {"feature_map": x, "stages": tuple(stages), "pre_logits": pre_logits}
+    y = nn.Dropout(self.dropout)(pre_logits, deterministic=not train)
+    if self.num_classes > 0:
+      logits = nn.Dense(self.num_classes, dtype=self.dtype,
+                        kernel_init=layers.torch_conv_kernel_init(),
+                        bias_init=layers.torch_conv_bias_init(in_features), name="fc")(y)
+    else:
+      logits = y
+    out["logits"] = logits
+    return logits.astype(jnp.float32), out
+
+
+# Params (M); GFLOPs (multiply-adds at 224; He et al. 2016 Table 1 counts 3.8 / 7.6 for the v1
+# ResNet-50/101, the v1.5 layout here costs 4.1 / 7.8 as in thesis Table 5.1 and timm); top-1 of
+# the torchvision/timm weights in the DeiT paper (thesis Table 3.5), ResNet-34: CrossTransformers.
+_RESNETS = {
+    "resnet18": dict(block="basic", stage_sizes=(2, 2, 2, 2),
+                     _meta=dict(params_m=11.7, gflops=1.8, top1=69.8,
+                                source="He et al. Table 1; thesis Table 3.5")),
+    "resnet34": dict(block="basic", stage_sizes=(3, 4, 6, 3),
+                     _meta=dict(params_m=21.8, gflops=3.6, top1=73.0,
+                                source="He et al. Table 1; CrossTransformers paper L432")),
+    "resnet50": dict(block="bottleneck", stage_sizes=(3, 4, 6, 3),
+                     _meta=dict(params_m=25.6, gflops=4.1, top1=76.2,
+                                source="thesis Tables 3.5, 5.1")),
+    "resnet101": dict(block="bottleneck", stage_sizes=(3, 4, 23, 3),
+                      _meta=dict(params_m=44.5, gflops=7.8, top1=77.4,
+                                 source="thesis Table 3.5; v1.5 FLOPs as timm")),
+}
+for _name, _kw in _RESNETS.items():
+  register_model(_name, ResNet, img_size=224, **_kw)
