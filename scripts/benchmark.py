@@ -81,19 +81,28 @@ from visrep_jax import models  # noqa: E402
 def make_jax_train_step(model, tx):
   """Returns ``step(state, images, labels, rng) -> (state, loss)``, jitted, state donated.
 
-  ``state`` is ``{'params': ..., 'opt_state': ...}``. Kept as one self-contained builder so that
-  the framework trainer's step can be dropped in instead.
+  ``state`` is ``{'params', 'opt_state', 'model_state'}`` (``model_state``: e.g. BatchNorm
+  ``batch_stats``, updated in train mode; ``{}`` for transformers). Kept as one self-contained
+  builder so that the framework trainer's step can be dropped in instead.
   """
 
-  def loss_fn(params, images, labels, rng):
-    logits, _ = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  def loss_fn(params, model_state, images, labels, rng):
+    variables = {"params": params, **model_state}
+    if model_state:
+      (logits, _), new_state = model.apply(variables, images, train=True, rngs={"dropout": rng},
+                                           mutable=list(model_state))
+    else:
+      logits, _ = model.apply(variables, images, train=True, rngs={"dropout": rng})
+      new_state = model_state
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return loss, new_state
 
   def step(state, images, labels, rng):
-    loss, grads = jax.value_and_grad(loss_fn)(state["params"], images, labels, rng)
+    (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], state["model_state"], images, labels, rng)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    return {"params": params, "opt_state": opt_state}, loss
+    return {"params": params, "opt_state": opt_state, "model_state": dict(model_state)}, loss
 
   # Donating the state lets XLA update parameters and Adam moments in place: no second copy of
   # ~3x the parameter bytes per step.
@@ -101,7 +110,7 @@ def make_jax_train_step(model, tx):
 
 
 def make_jax_infer(model):
-  return jax.jit(lambda params, images: model.apply({"params": params}, images, train=False)[0])
+  return jax.jit(lambda variables, images: model.apply(variables, images, train=False)[0])
 
 
 def cost_flops(compiled) -> float:
@@ -130,31 +139,40 @@ class JaxBench:
   def __init__(self, args, res):
     self.args = args
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    self.model = models.create(args.model, img_size=res, dtype=dtype)
+    overrides = {"dtype": dtype}
+    if hasattr(models.create(args.model), "img_size"):
+      overrides["img_size"] = res
+    self.model = models.create(args.model, **overrides)
     b = args.batch_size
     rng = np.random.RandomState(0)
     self.images = jnp.asarray(rng.randn(b, res, res, 3).astype(np.float32))
-    n_cls = max(self.model.num_classes, 1)
+    n_cls = max(getattr(self.model, "num_classes", 1000), 1)
     self.labels = jnp.asarray(rng.randint(0, n_cls, size=(b,)).astype(np.int32))
     self.rng = jax.random.PRNGKey(0)
-    params = jax.jit(lambda k: self.model.init(k, self.images[:1])["params"])(self.rng)
+    variables = jax.jit(lambda k: self.model.init(k, self.images[:1]))(self.rng)
+    params = variables["params"]
+    model_state = {k: v for k, v in variables.items() if k != "params"}
     self.n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     self.tx = optax.adamw(args.lr, weight_decay=args.weight_decay)
-    self.state = {"params": params, "opt_state": self.tx.init(params)}
-    self.infer_params = jax.tree_util.tree_map(jnp.copy, params)  # not donated by training
+    # Inference gets its own copy: training donates (and so invalidates) its state.
+    self.infer_vars = jax.tree_util.tree_map(jnp.copy, {"params": params, **model_state})
+    self.state = {"params": params, "opt_state": self.tx.init(params), "model_state": model_state}
 
     t = time.perf_counter()
-    self.infer_fn = make_jax_infer(self.model)
-    # Forward-only executables get their own CPU options (see visrep_jax.utils.xla).
-    opts = xla_utils.cpu_compiler_options("infer") if args.cpu_flags else {}
-    infer_c = self.infer_fn.lower(self.infer_params, self.images).compile(
-        compiler_options=opts or None)
-    self.fwd_flops = cost_flops(infer_c) / b
-    self.infer_fn = infer_c
-    self.train_fn = make_jax_train_step(self.model, self.tx)
-    train_c = self.train_fn.lower(self.state, self.images, self.labels, self.rng).compile()
-    self.train_flops = cost_flops(train_c) / b
-    self.train_fn = train_c
+    self.fwd_flops = self.train_flops = float("nan")
+    if args.infer or args.train:  # the forward's FLOPs are reported in either mode
+      self.infer_fn = make_jax_infer(self.model)
+      # Forward-only executables get their own CPU options (see visrep_jax.utils.xla).
+      opts = xla_utils.cpu_compiler_options("infer") if args.cpu_flags else {}
+      infer_c = self.infer_fn.lower(self.infer_vars, self.images).compile(
+          compiler_options=opts or None)
+      self.fwd_flops = cost_flops(infer_c) / b
+      self.infer_fn = infer_c
+    if args.train:  # compiling the train step is most of the start-up of a large model
+      self.train_fn = make_jax_train_step(self.model, self.tx)
+      train_c = self.train_fn.lower(self.state, self.images, self.labels, self.rng).compile()
+      self.train_flops = cost_flops(train_c) / b
+      self.train_fn = train_c
     self.compile_s = time.perf_counter() - t
 
   def train(self, steps):
@@ -167,7 +185,7 @@ class JaxBench:
   def infer(self, steps):
     out = None
     for _ in range(steps):
-      out = self.infer_fn(self.infer_params, self.images)
+      out = self.infer_fn(self.infer_vars, self.images)
     jax.block_until_ready(out)
 
 
@@ -186,7 +204,10 @@ class TimmBench:
       self.model = _load_torch_ref(args.torch_ref)(img_size=res)
     else:
       name = args.timm_model or args.model
-      self.model = timm.create_model(name, pretrained=False, img_size=res)
+      try:
+        self.model = timm.create_model(name, pretrained=False, img_size=res)
+      except TypeError:  # convnets take any resolution and have no img_size argument
+        self.model = timm.create_model(name, pretrained=False)
     self.n_params = sum(p.numel() for p in self.model.parameters())
     b = args.batch_size
     rng = np.random.RandomState(0)
@@ -203,6 +224,7 @@ class TimmBench:
 
   def train(self, steps):
     self.model.train()
+    loss = self.torch.zeros(())
     for _ in range(steps):
       self.opt.zero_grad(set_to_none=True)
       with self._autocast():
@@ -246,7 +268,7 @@ def timed(fn, steps):
 
 
 def main(args):
-  res = args.resolution or models.create(args.model).img_size
+  res = args.resolution or getattr(models.create(args.model), "img_size", 224)
   b = args.batch_size
   print(f"devices: {jax.devices()}  cores: {os.cpu_count()}  jax {jax.__version__}  "
         f"matmul precision: {jax.config.jax_default_matmul_precision or 'default'}")

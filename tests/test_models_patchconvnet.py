@@ -203,6 +203,27 @@ def test_param_counts_match_thesis():
   assert models.paper_metadata("patchconvnet_s60")["gflops"] == 4.0
 
 
+def test_pooling_shortcut_equals_explicit_attention():
+  """The pooling's implicit K/V (the fast path) equals the explicit K/V path that
+  ``models.flops`` traces, also with attention dropout (same mask; without dropout the
+  parity tests against PyTorch cover it)."""
+  train = True
+  from visrep_jax.models import zoo
+  from visrep_jax.models.patchconvnet import LearnedAggregation
+  m = LearnedAggregation(num_heads=2, attn_dropout=0.3)
+  u = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 8))
+  shapes = jax.eval_shape(lambda k: m.init(k, u, True), jax.random.PRNGKey(1))
+  keys = iter(jax.random.split(jax.random.PRNGKey(2), 16))
+  v = jax.tree_util.tree_map(lambda a: 0.5 * jax.random.normal(next(keys), a.shape), shapes)
+  rngs = {"dropout": jax.random.PRNGKey(3)}
+  apply = lambda: jax.jit(lambda v: m.apply(v, u, not train, rngs=rngs))(v)  # traced anew
+  fast = apply()
+  with zoo.counting_macs_scope():
+    explicit = apply()
+  for a, b in zip(fast, explicit):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_depthwise_implementations_agree():
   from visrep_jax.models.patchconvnet import DepthwiseConv3x3
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 7, 8))

@@ -1,8 +1,9 @@
 """Numerical parity of our Flax DeiT III ViT against timm's PyTorch implementation.
 
-Both models get the same (randomly initialised) weights via ``vit_params_from_torch`` and the
-same input; eval-mode logits must agree to 1e-4 in float32. Skipped when torch/timm (the
-``[torch]`` extra) are not installed.
+Both models get the same (randomly initialised) weights via ``load_torch_checkpoint`` (timm's
+DeiT III names ``blocks.i.ls1.gamma`` map to the deit repository's ``gamma_1`` through
+``VisionTransformer.torch_rename``) and the same input; eval-mode logits must agree to 1e-4 in
+float32. Skipped when torch/timm (the ``[torch]`` extra) are not installed.
 """
 
 import numpy as np
@@ -15,7 +16,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from visrep_jax import models  # noqa: E402
-from visrep_jax.models.vit import vit_params_from_torch  # noqa: E402
+from visrep_jax.convert import convert_state_dict, load_torch_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -59,7 +60,7 @@ def test_deit3_logits_match_timm(name, batch):
 
   model = models.create(name)
   res = model.img_size
-  params = vit_params_from_torch(tmodel.state_dict())
+  params = load_torch_checkpoint(name, tmodel.state_dict())["params"]
   # The converted tree must have exactly the structure and shapes of our own init.
   ref = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, res, res, 3)))
   assert _shapes(params) == _shapes(ref["params"])
@@ -87,13 +88,13 @@ def test_deit3_gradients_match_timm():
   tmodel = timm.create_model(name, pretrained=False).train()  # all drop rates are 0
   _randomize_(tmodel, seed=2)
   model = models.create(name)
-  params = vit_params_from_torch(tmodel.state_dict())
+  params = load_torch_checkpoint(name, tmodel.state_dict())["params"]
 
   rng = np.random.RandomState(1)
   x = rng.randn(batch, 3, 224, 224).astype(np.float32)
   w = rng.randn(batch, 1000).astype(np.float32)  # random cotangent for the logits
   (tmodel(torch.from_numpy(x)) * torch.from_numpy(w)).sum().backward()
-  expected = vit_params_from_torch({k: p.grad for k, p in tmodel.named_parameters()})
+  expected = convert_state_dict(model, {k: p.grad for k, p in tmodel.named_parameters()})["params"]
 
   def loss(p):
     logits, _ = model.apply({"params": p}, jnp.asarray(x.transpose(0, 2, 3, 1)), train=True,

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from timm.layers import DropPath
-from timm.models._efficientnet_blocks import SqueezeExcite
+try:  # timm >= 0.9
+  from timm.layers import DropPath
+  from timm.models._efficientnet_blocks import SqueezeExcite
+except ImportError:  # older timm, as the official code imports them
+  from timm.models.layers import DropPath
+  from timm.models.efficientnet_blocks import SqueezeExcite
 
 
 def _norm(dim):

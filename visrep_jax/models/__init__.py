@@ -15,8 +15,9 @@ import importlib
 import pkgutil
 
 from visrep_jax.registry import UnknownNameError
-from visrep_jax.models.zoo import (MODELS, create, default_kwargs, flops, list_models, make_module,
-                                   num_params, paper_metadata, register_model, variable_shapes)
+from visrep_jax.models.zoo import (MODELS, alias_of, create, default_kwargs, flops, list_models, make_module,
+                                   num_params, paper_metadata, register_alias, register_model,
+                                   variable_shapes)
 
 _NOT_FAMILIES = {"zoo", "layers"}
 for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
@@ -27,4 +28,4 @@ from visrep_jax.models.vit import VisionTransformer  # noqa: E402
 
 __all__ = ["create", "list_models", "register_model", "MODELS", "UnknownNameError",
            "VisionTransformer", "default_kwargs", "paper_metadata", "make_module", "flops", "num_params",
-           "variable_shapes"]
+           "variable_shapes", "register_alias", "alias_of"]

@@ -187,7 +187,8 @@ class ClassAttentionBlock(nn.Module):
     d = x.shape[-1]
     norm = lambda name: nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=name)
     u = jnp.concatenate([cls, x], axis=1)
-    y = ClassAttention(self.num_heads, self.qkv_bias, dtype=self.dtype, name="attn")(norm("norm1")(u))
+    y = ClassAttention(self.num_heads, self.qkv_bias, dtype=self.dtype,
+                       name="attn")(norm("norm1")(u))
     cls = cls + _layerscale(self, y, "gamma_1", self.layerscale_init)
     y = layers.Mlp(int(d * self.mlp_ratio), dtype=self.dtype, name="mlp")(norm("norm2")(cls),
                                                                          deterministic)

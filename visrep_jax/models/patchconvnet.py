@@ -31,28 +31,23 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from visrep_jax.models import layers
-from visrep_jax.models.zoo import counting_macs, register_model
+from visrep_jax.models.zoo import counting_macs, register_alias, register_model
 
 Dtype = Any
 
 
-class _ParamsOnly(nn.Module):
-  """Holds a PyTorch layer's (kernel, bias) in Flax layout, for layers computed by hand."""
-  kernel_shape: tuple
-  fan_in: int
+class _LinearParams(nn.Module):
+  """An ``nn.Linear(d, d)``'s parameters in Dense layout, for products computed by hand."""
+  features: int
   use_bias: bool = True
-  kernel_init: Optional[Any] = None   # default: PyTorch's conv/linear default init
-  zero_bias: bool = False
 
   @nn.compact
-  def __call__(self):
-    kinit = self.kernel_init or layers.torch_conv_kernel_init()
-    kernel = self.param("kernel", kinit, self.kernel_shape, jnp.float32)
+  def __call__(self, in_features: int):
+    kernel = self.param("kernel", layers.trunc_normal(0.02), (in_features, self.features),
+                        jnp.float32)
     if not self.use_bias:
       return kernel, None
-    binit = nn.initializers.zeros if self.zero_bias else layers.torch_conv_bias_init(self.fan_in)
-    bias = self.param("bias", binit, (self.kernel_shape[-1],), jnp.float32)
-    return kernel, bias
+    return kernel, self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
 
 
 class Conv1x1(nn.Module):
@@ -153,7 +148,7 @@ class LearnedAggregation(nn.Module):
 
   Computed without materialising K and V for all tokens (exact up to rounding):
   q . (W_k u_n + b_k) = (W_k^T q) . u_n + const (the constant cancels in the softmax), and
-  sum_n a_n (W_v u_n + b_v) = W_v (sum_n a_n u_n) + b_v since the weights sum to one.
+  sum_n a_n (W_v u_n + b_v) = W_v (sum_n a_n u_n) + (sum_n a_n) b_v.
   That replaces two (N x d) @ (d x d) products by O(N d) work.
 
   Returns the aggregated (B, D) vector and the attention weights (B, heads, N).
@@ -177,8 +172,8 @@ class LearnedAggregation(nn.Module):
                                              name=name)
     q = dense("q", self.qkv_bias)(u[:, 0])  # (B, D)
     q = (q * jnp.asarray(hd ** -0.5, q.dtype)).reshape(b, h, hd)
-    wk, bk = _ParamsOnly((d, d), d, self.qkv_bias, init, zero_bias=True, name="k")()
-    wv, bv = _ParamsOnly((d, d), d, self.qkv_bias, init, zero_bias=True, name="v")()
+    wk, bk = _LinearParams(d, self.qkv_bias, name="k")(d)
+    wv, bv = _LinearParams(d, self.qkv_bias, name="v")(d)
     wk = wk.astype(self.dtype).reshape(d, h, hd)
     wv = wv.astype(self.dtype).reshape(d, h, hd)
     dropout = lambda a: nn.Dropout(self.attn_dropout)(
@@ -196,10 +191,15 @@ class LearnedAggregation(nn.Module):
       qk = jnp.einsum("dhe,bhe->bhd", wk, q)                                    # (B, h, D)
       s = jnp.einsum("bhd,bnd->bhn", qk, u, preferred_element_type=jnp.float32)  # (B, h, N)
       a = jax.nn.softmax(s, axis=-1)
-      pooled = jnp.einsum("bhn,bnd->bhd", dropout(a), u)                        # (B, h, D)
-      o = jnp.einsum("bhd,dhe->bhe", pooled, wv).reshape(b, d)
+      a_used = dropout(a)
+      pooled = jnp.einsum("bhn,bnd->bhd", a_used, u)                            # (B, h, D)
+      o = jnp.einsum("bhd,dhe->bhe", pooled, wv)                                # (B, h, hd)
       if bv is not None:
-        o = o + bv.astype(self.dtype)
+        bv = bv.astype(self.dtype).reshape(h, hd)
+        if self.attn_dropout > 0.0 and not deterministic:  # the weights no longer sum to one
+          bv = bv * jnp.sum(a_used, axis=-1, keepdims=True)
+        o = o + bv
+      o = o.reshape(b, d)
     o = nn.Dense(d, dtype=self.dtype, kernel_init=init, bias_init=nn.initializers.zeros,
                  name="proj")(o)
     return nn.Dropout(self.proj_dropout)(o, deterministic=deterministic), a
@@ -335,7 +335,7 @@ for _size, _kw in _PCN.items():
   _kw = dict(_kw)
   register_model(f"patchconvnet_{_size}", PatchConvNet, img_size=224, **_kw)
   # The official builder names (S60, S120, ...).
-  register_model(_size.upper(), PatchConvNet, img_size=224, **_kw)
+  register_alias(_size.upper(), f"patchconvnet_{_size}")
   if _size in _PCN_384:
     _kw["_meta"] = dict(_PCN_384[_size], source="thesis Table 5.2 / README_patchconvnet.md")
     register_model(f"patchconvnet_{_size}_384", PatchConvNet, img_size=384, **_kw)

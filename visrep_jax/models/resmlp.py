@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from visrep_jax.models import layers
-from visrep_jax.models.zoo import register_model
+from visrep_jax.models.zoo import register_alias, register_model
 
 Dtype = Any
 
@@ -212,7 +212,7 @@ for _name, _kw in _RESMLP.items():
 # Official builder names (facebookresearch/deit resmlp_models.py).
 for _alias, _name in (("resmlp_12", "resmlp_12_224"), ("resmlp_24", "resmlp_24_224"),
                       ("resmlp_36", "resmlp_36_224"), ("resmlpB_24", "resmlp_big_24_224")):
-  register_model(_alias, ResMLP, img_size=224, **_RESMLP[_name])
+  register_alias(_alias, _name)
 # A few-parameter model for unit tests.
 register_model("resmlp_test_patch4_16", ResMLP, img_size=16, patch_size=4, embed_dim=32,
                depth=2, layerscale_init=0.1, num_classes=10)

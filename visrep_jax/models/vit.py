@@ -64,7 +64,8 @@ class VisionTransformer(nn.Module):
     if key.startswith("module."):
       key = key[len("module."):]
     parts = key.split(".")
-    if len(parts) == 4 and parts[0] == "blocks" and parts[2] in ("ls1", "ls2") and parts[3] == "gamma":
+    if (len(parts) == 4 and parts[0] == "blocks" and parts[2] in ("ls1", "ls2")
+        and parts[3] == "gamma"):
       return f"blocks.{parts[1]}.gamma_{parts[2][-1]}"
     return key
 
@@ -150,54 +151,6 @@ class VisionTransformer(nn.Module):
     return logits, out
 
 
-def vit_params_from_torch(state_dict) -> dict:
-  """Converts a timm / facebookresearch-deit ViT state dict into this module's ``params``.
-
-  Accepts torch tensors or numpy arrays (torch is never imported here). Handles both naming
-  schemes for LayerScale: timm ``blocks.i.ls1.gamma`` / ``ls2.gamma`` and deit
-  ``blocks.i.gamma_1`` / ``gamma_2``. Layout changes: Linear ``[out, in]`` -> Dense kernel
-  ``[in, out]``; Conv ``[O, I, kh, kw]`` -> ``[kh, kw, I, O]``; LayerNorm weight -> scale.
-  Returns a nested dict of float32 numpy arrays, to be used as ``{'params': result}``.
-  """
-  import numpy as np
-
-  def to_np(t):
-    if hasattr(t, "detach"):  # torch.Tensor, without importing torch
-      t = t.detach().cpu().float().numpy()
-    return np.asarray(t, dtype=np.float32)
-
-  params: dict = {}
-
-  def put(path, value):
-    node = params
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
-
-  ignored = ("num_batches_tracked",)
-  for name, tensor in state_dict.items():
-    if name.endswith(ignored):
-      continue
-    v = to_np(tensor)
-    parts = name.split(".")
-    if parts[0] == "blocks":  # blocks.{i}.rest -> blocks_{i}/rest
-      parts = [f"blocks_{parts[1]}"] + parts[2:]
-    # LayerScale: timm ls1.gamma / ls2.gamma -> gamma_1 / gamma_2.
-    if len(parts) == 3 and parts[1] in ("ls1", "ls2") and parts[2] == "gamma":
-      parts = [parts[0], "gamma_" + parts[1][-1]]
-    leaf = parts[-1]
-    if leaf == "weight":
-      if v.ndim == 4:  # conv
-        put(parts[:-1] + ["kernel"], v.transpose(2, 3, 1, 0))
-      elif v.ndim == 2:  # linear
-        put(parts[:-1] + ["kernel"], v.T)
-      else:  # layer norm
-        put(parts[:-1] + ["scale"], v)
-    else:  # bias, cls_token, pos_embed, gamma_*
-      put(parts, v)
-  return params
-
-
 # --- DeiT (facebookresearch/deit models.py; timm names deit_*) ---------------------------------
 # Position embedding with class (and distillation) token slots, no LayerScale, linearly
 # increasing stochastic depth. Paper numbers: params and ImageNet top-1 (300 epochs) from thesis
@@ -230,23 +183,37 @@ for (_size, _distilled, _res), _meta in _DEIT_META.items():
 
 
 # --- DeiT III (facebookresearch/deit models_v2.py; timm names deit3_*) -------------------------
-# Params/GFLOPs at 224 from thesis Table 6.14.
+# Params/GFLOPs at 224 from thesis Table 6.14; top-1 (ImageNet-1k only) and the 384 fine-tunings
+# from Table 6.7. The thesis has no DeiT III Ti top-1 and no Ti/M at 384; for S at 384 it repeats
+# the 224 count (22.0M; 22.2M with the larger position embedding).
 _DEIT3 = {
-    "tiny": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, _meta=dict(params_m=5.7, gflops=1.3)),
-    "small": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, _meta=dict(params_m=22.0, gflops=4.6)),
-    "medium": dict(patch_size=16, embed_dim=512, depth=12, num_heads=8, _meta=dict(params_m=38.8)),
-    "base": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, _meta=dict(params_m=86.6, gflops=17.5)),
-    "large": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, _meta=dict(params_m=304.4, gflops=61.6)),
-    "huge": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16, _meta=dict(params_m=632.1, gflops=167.4)),
+    "tiny": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
+    "small": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    "medium": dict(patch_size=16, embed_dim=512, depth=12, num_heads=8),
+    "base": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    "large": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
+    "huge": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
 }
-for _size, _kw in _DEIT3.items():
-  for _res in (224, 384):
-    if _size == "huge" and _res == 384:
-      continue
-    _kw = dict(_kw)
-    register_model(f"deit3_{_size}_patch{_kw['patch_size']}_{_res}", VisionTransformer,
-                   img_size=_res, layerscale_init=1e-4, pos_embed_cls_slot=False,
-                   drop_path_uniform=True, **_kw)
+_DEIT3_META = {  # (size, resolution) -> thesis numbers
+    ("tiny", 224): dict(params_m=5.7, gflops=1.3),
+    ("small", 224): dict(params_m=22.0, gflops=4.6, top1=81.4),
+    ("medium", 224): dict(params_m=38.8),
+    ("base", 224): dict(params_m=86.6, gflops=17.5, top1=83.8),
+    ("large", 224): dict(params_m=304.4, gflops=61.6, top1=84.9),
+    ("huge", 224): dict(params_m=632.1, gflops=167.4, top1=85.2),
+    ("tiny", 384): {},
+    ("small", 384): dict(params_m=22.0, params_tol_m=0.25, gflops=15.5, top1=83.4),  # 22.2M
+    ("medium", 384): {},
+    ("base", 384): dict(params_m=86.9, gflops=55.5, top1=85.0),
+    ("large", 384): dict(params_m=304.8, gflops=191.2, top1=85.8),
+}
+for (_size, _res), _meta in _DEIT3_META.items():
+  _kw = _DEIT3[_size]
+  register_model(f"deit3_{_size}_patch{_kw['patch_size']}_{_res}", VisionTransformer,
+                 img_size=_res, layerscale_init=1e-4, pos_embed_cls_slot=False,
+                 drop_path_uniform=True, **_kw,
+                 _meta=dict(_meta, source="thesis Table 6.14 (224: params, GFLOPs), 6.7")
+                 if _meta else {})
 
 # Small DeiT III-style ViT for Fashion-MNIST (28x28 -> 4x4 grid of 7x7 patches), `demo` configs.
 register_model("deit3_demo_patch7_28", VisionTransformer, img_size=28, patch_size=7,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Dict
 
@@ -25,6 +26,22 @@ def register_model(name: str, cls, **defaults):
   _SPECS[name] = (cls, defaults, meta)
 
 
+_ALIASES: Dict[str, str] = {}
+
+
+def register_alias(alias: str, name: str):
+  """Another name for the registered model ``name`` (e.g. an official repository's builder name,
+  ``S60`` for ``patchconvnet_s60``). ``create`` accepts it; ``list_models`` omits it."""
+  cls, defaults, meta = _SPECS[name]
+  register_model(alias, cls, **defaults, _meta=meta)
+  _ALIASES[alias] = name
+
+
+def alias_of(name: str) -> str:
+  """The canonical name of ``name`` (itself unless it is an alias)."""
+  return _ALIASES.get(name, name)
+
+
 def make_module(cls, kwargs: Dict[str, Any], name: str = "") -> nn.Module:
   fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
   bad = sorted(set(kwargs) - fields)
@@ -39,8 +56,9 @@ def create(name: str, **overrides) -> nn.Module:
   return MODELS.get(name)(**overrides)
 
 
-def list_models() -> list[str]:
-  return MODELS.names()
+def list_models(include_aliases: bool = False) -> list[str]:
+  names = MODELS.names()
+  return names if include_aliases else [n for n in names if n not in _ALIASES]
 
 
 def default_kwargs(name: str) -> Dict[str, Any]:
@@ -58,6 +76,17 @@ def paper_metadata(name: str) -> Dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 _COUNTING_MACS = [False]
+
+
+@contextlib.contextmanager
+def counting_macs_scope():
+  """Within this scope :func:`counting_macs` is True (what :func:`flops` does while tracing)."""
+  previous = _COUNTING_MACS[0]
+  _COUNTING_MACS[0] = True
+  try:
+    yield
+  finally:
+    _COUNTING_MACS[0] = previous
 
 
 def counting_macs() -> bool:
@@ -139,9 +168,6 @@ def flops(name_or_model, resolution: int = 0, **overrides) -> int:
     model = model.clone(img_size=res)
   variables = variable_shapes(model, res)
   x = jax.ShapeDtypeStruct((1, res, res, 3), jnp.float32)
-  _COUNTING_MACS[0] = True
-  try:
+  with counting_macs_scope():
     jaxpr = jax.make_jaxpr(lambda v, im: model.apply(v, im, train=False))(variables, x)
-  finally:
-    _COUNTING_MACS[0] = False
   return _count_macs(jaxpr.jaxpr)
