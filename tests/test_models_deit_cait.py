@@ -341,14 +341,22 @@ def test_cait_avg_pool_matches_timm():
 
 
 def test_head_mixing_equals_linear_over_heads():
-  """mix_heads == torch Linear(h, h) on the (b, q, k, h)-permuted maps, as the reference does."""
+  """mix_heads == torch Linear(h, h) on the (b, q, k, h)-permuted maps, as the reference does;
+  its gradients == autodiff's."""
   a = np.random.RandomState(0).randn(2, 3, 5, 7).astype(np.float32)
   lin = torch.nn.Linear(3, 3)
   with torch.no_grad():
     expected = lin(torch.from_numpy(a).permute(0, 2, 3, 1)).permute(0, 3, 1, 2).numpy()
-  got = mix_heads(jnp.asarray(a), jnp.asarray(lin.weight.detach().numpy().T),
-                  jnp.asarray(lin.bias.detach().numpy()))
-  np.testing.assert_allclose(got, expected, atol=1e-6)
+  args = (jnp.asarray(a), jnp.asarray(lin.weight.detach().numpy().T),
+          jnp.asarray(lin.bias.detach().numpy()))
+  np.testing.assert_allclose(mix_heads(*args), expected, atol=1e-6)
+  # The hand-written VJP equals autodiff of the plain einsum, for all three arguments.
+  cot = jnp.asarray(np.random.RandomState(1).randn(*a.shape).astype(np.float32))
+  ref = lambda x, w, b: jnp.einsum("bhqk,hg->bgqk", x, w) + b[None, :, None, None]
+  got = jax.grad(lambda *t: jnp.sum(mix_heads(*t) * cot), argnums=(0, 1, 2))(*args)
+  want = jax.grad(lambda *t: jnp.sum(ref(*t) * cot), argnums=(0, 1, 2))(*args)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, atol=1e-5)
 
 
 CAIT_SIZES = {  # thesis Table 3.15: (params M at 224, heads, depth, LayerScale init, Table 3.16)

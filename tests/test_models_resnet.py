@@ -270,6 +270,11 @@ def test_dilation_gives_stride_16_map_and_same_variables():
   assert shapes[(False, False, False)][1] == (1, 7, 7, 512)
   assert shapes[(False, False, True)][1] == (1, 14, 14, 512)
   assert shapes[(False, False, False)][0] == shapes[(False, False, True)][0]
+  # meta-dataset's ResNet-34 also projects the shortcut of the first block of layer1.
+  v = jax.eval_shape(models.create("resnet34", downsample_first_stage=True).init,
+                     jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+  assert v["params"]["layer1_0"]["downsample_0"]["kernel"].shape == (1, 1, 64, 64)
+  assert "downsample_0" not in v["params"]["layer1_1"]
   with pytest.raises(ValueError, match="3 entries"):
     models.create("resnet18", replace_stride_with_dilation=(True,)).init(
         jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))

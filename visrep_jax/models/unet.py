@@ -187,4 +187,4 @@ register_model("conrec_unet_encoder_gap", ConRecUNet, pool="gap",
                _meta=dict(params_m=4.693, **_META))
 register_model("conrec_unet", ConRecUNet, pool="attention", decoder=True,
                projection_dims=(512, 512, 128),
-               _meta=dict(params_m=4.867, **_META, note="params_m counts encoder + pooling"))
+               _meta=dict(source="ConRec training model: Table 2's 4.867M is its encoder + pooling"))
