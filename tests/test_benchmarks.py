@@ -34,6 +34,20 @@ def test_benchmark_runs_without_tensorflow():
   assert "train" in out and "img/s" in out and "mfu" in out
 
 
+def test_benchmark_batchnorm_convnet_against_torch():
+  """A BatchNorm model (batch_stats updated in the train step) against timm, and a non-timm
+  PyTorch reference through --torch_ref, both at a tiny size."""
+  pytest.importorskip("timm")
+  for extra in (["--model=resnet18", "--resolution=32"],
+                ["--model=patchconvnet_test", "--no-train",
+                 "--torch_ref=tests/torch_refs/patchconvnet_ref.py:create_test"]):
+    r = subprocess.run([sys.executable, "scripts/benchmark.py", "--batch_size=2", "--steps=1",
+                        "--warmup=1", "--repeats=1", "--vs-timm", *extra], cwd=REPO,
+                       env=subprocess_env(1), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "JAX/timm throughput" in r.stdout, r.stdout[-2000:]
+
+
 @requires_fashion_mnist
 def test_input_benchmark_reports_pipeline_vs_step():
   r = subprocess.run([sys.executable, "scripts/benchmark_input.py", "--config=configs/deit3.py:demo",

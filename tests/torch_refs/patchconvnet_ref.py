@@ -193,3 +193,8 @@ def B60(**kw): return create("B60", **kw)  # noqa: E704
 def B120(**kw): return create("B120", **kw)  # noqa: E704
 def L60(**kw): return create("L60", **kw)  # noqa: E704
 def L120(**kw): return create("L120", **kw)  # noqa: E704
+
+
+def create_test(**kw):
+  """The twin of ``models.create('patchconvnet_test')`` (for the benchmark's tests)."""
+  return PatchConvnetRef(**{**dict(embed_dim=32, depth=2, init_scale=0.1, num_classes=10), **kw})
