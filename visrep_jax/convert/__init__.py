@@ -313,7 +313,7 @@ def convert_state_dict(model, state_dict: Mapping[str, Any], *, resample: bool =
         continue
     if p in flat:
       raise CheckpointMismatchError(f"{key} and {origin[p]} both map to {'/'.join(p)}")
-    flat[p] = np.ascontiguousarray(a, dtype=np.float32)
+    flat[p] = np.array(a, dtype=np.float32, copy=True)  # never share memory with torch tensors
     origin[p] = key
 
   missing = ["/".join(p) for p in target if p not in flat]
