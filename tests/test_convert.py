@@ -189,3 +189,41 @@ def test_cli_then_main_eval_only(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   lines = [json.loads(l) for l in (work / "metrics.jsonl").read_text().splitlines()]
   assert any("eval/top1" in l for l in lines)
+
+
+def test_batchnorm_statistics_round_trip_through_the_cli_format(tmp_path):
+  """A torchvision ResNet: BN running statistics land in batch_stats, the orbax output restores
+  them as the trainer's model_state, and a model_state-less checkpoint is refused for it."""
+  import torchvision
+  from visrep_jax.convert.__main__ import convert as convert_cli
+  tm = torchvision.models.resnet18(num_classes=10).eval()
+  g = torch.Generator().manual_seed(0)
+  with torch.no_grad():
+    for name, b in tm.named_buffers():
+      if name.endswith("running_var"):
+        b.copy_(0.5 + torch.rand(b.shape, generator=g))
+      elif name.endswith("running_mean"):
+        b.copy_(0.1 * torch.randn(b.shape, generator=g))
+  torch.save(tm.state_dict(), tmp_path / "r18.pth")
+  out = convert_cli("resnet18", str(tmp_path / "r18.pth"), str(tmp_path / "out"),
+                    overrides={"num_classes": 10})
+  model = models.create("resnet18", num_classes=10)
+  abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
+  params, state = ckpt_lib.load_variables(out, abstract["params"],
+                                          {"batch_stats": abstract["batch_stats"]})
+  np.testing.assert_allclose(state["batch_stats"]["bn1"]["var"], tm.bn1.running_var.numpy())
+  np.testing.assert_allclose(state["batch_stats"]["layer4_1"]["bn2"]["mean"],
+                             tm.layer4[1].bn2.running_mean.numpy())
+  x = np.random.RandomState(0).randn(2, 3, 64, 64).astype(np.float32)
+  with torch.no_grad():
+    expected = tm(torch.from_numpy(x)).numpy()
+  got = model.apply({"params": params, **state}, jnp.asarray(x.transpose(0, 2, 3, 1)))[0]
+  np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=0)
+
+  # A checkpoint without BatchNorm statistics cannot initialise a BatchNorm model.
+  import orbax.checkpoint as ocp
+  ocp.PyTreeCheckpointer().save(str(tmp_path / "params_only" / "variables"),
+                                {"params": jax.tree.map(np.asarray, params)})
+  with pytest.raises(ValueError, match="BatchNorm"):
+    ckpt_lib.load_variables(str(tmp_path / "params_only"), abstract["params"],
+                            {"batch_stats": abstract["batch_stats"]})

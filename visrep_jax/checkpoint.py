@@ -7,6 +7,7 @@ import os
 from typing import Any, Dict, Optional, Tuple
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -48,6 +49,18 @@ def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
                       abstract_state, shardings)
 
 
+def _restore_as_numpy(directory: str) -> Any:
+  """Restores any orbax PyTree checkpoint as host numpy arrays, whatever devices wrote it (the
+  caller places them onto its own shardings)."""
+  ckptr = ocp.PyTreeCheckpointer()
+  meta = ckptr.metadata(directory)
+  meta = getattr(meta, "item_metadata", None) or meta
+  tree_meta = getattr(meta, "tree", meta)
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree_meta,
+                              is_leaf=lambda x: not isinstance(x, (dict, list, tuple)))
+  return ckptr.restore(directory, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+
+
 def load_variables(path: str, abstract_params: Any, abstract_model_state: Any = None
                    ) -> Tuple[Any, Any]:
   """Loads ``(params, model_state)`` for ``init_checkpoint`` onto the abstract shapes/shardings.
@@ -72,7 +85,7 @@ def load_variables(path: str, abstract_params: Any, abstract_model_state: Any = 
     raise FileNotFoundError(f"No checkpoint at {path}: expected an orbax checkpoint directory "
                             "(a workdir, WORKDIR/checkpoints, WORKDIR/checkpoints/<step>, or the "
                             "--out of python -m visrep_jax.convert).")
-  tree = ocp.PyTreeCheckpointer().restore(state_dir)
+  tree = _restore_as_numpy(state_dir)
   if not isinstance(tree, dict) or "params" not in tree:
     raise ValueError(f"checkpoint {path} has no 'params' (top-level keys: "
                      f"{sorted(tree) if isinstance(tree, dict) else type(tree).__name__})")
