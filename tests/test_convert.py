@@ -227,3 +227,22 @@ def test_batchnorm_statistics_round_trip_through_the_cli_format(tmp_path):
   with pytest.raises(ValueError, match="BatchNorm"):
     ckpt_lib.load_variables(str(tmp_path / "params_only"), abstract["params"],
                             {"batch_stats": abstract["batch_stats"]})
+
+
+def test_wrappers_with_stray_tensors_and_ddp_prefixes(tmp_path):
+  """The ImageNet-example / MoCo format: {'state_dict': {'module.encoder_q.*'}, 'best_acc1':
+  tensor}; the prefix may be given with or without 'module.'; bfloat16 safetensors load."""
+  from safetensors.torch import save_file
+  sd = _tiny_timm(seed=7).state_dict()
+  wrapped = {"epoch": 3, "arch": "vit", "best_acc1": torch.tensor(76.1),
+             "state_dict": {"module.encoder_q." + k: v for k, v in sd.items()}}
+  torch.save(wrapped, tmp_path / "moco.pth.tar")
+  expected = convert.load_torch_checkpoint("vit_test_patch4_16", sd)
+  for prefix in ("encoder_q.", "module.encoder_q."):
+    got = convert.load_torch_checkpoint("vit_test_patch4_16", str(tmp_path / "moco.pth.tar"),
+                                        prefix=prefix)
+    jax.tree.map(np.testing.assert_array_equal, got, expected)
+  save_file({k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()},
+            str(tmp_path / "bf16.safetensors"))
+  got = convert.load_torch_checkpoint("vit_test_patch4_16", str(tmp_path / "bf16.safetensors"))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2), got, expected)

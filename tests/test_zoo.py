@@ -54,3 +54,14 @@ def test_zoo_script_check_mode():
                      cwd=REPO, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
   assert "resnet50" in r.stdout and "25.56" in r.stdout
+
+
+def test_flops_counts_one_branch_of_a_cond_and_every_scan_step():
+  import jax
+  import jax.numpy as jnp
+  from visrep_jax.models import zoo
+  x, w = jnp.ones((2, 3)), jnp.ones((3, 3))
+  j = jax.make_jaxpr(lambda p: jax.lax.cond(p, lambda: x @ w, lambda: x @ w @ w))(True)
+  assert zoo._count_macs(j.jaxpr) == 2 * 2 * 3 * 3  # the costlier branch
+  j = jax.make_jaxpr(lambda c: jax.lax.scan(lambda c, _: (c @ w, None), c, None, length=5))(x)
+  assert zoo._count_macs(j.jaxpr) == 5 * 2 * 3 * 3

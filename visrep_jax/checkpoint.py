@@ -96,6 +96,7 @@ def load_variables(path: str, abstract_params: Any, abstract_model_state: Any = 
   def place(a, x):
     if tuple(a.shape) != tuple(x.shape):
       raise ValueError(f"shape {tuple(x.shape)} != model's {tuple(a.shape)}")
+    x = np.asarray(x, dtype=a.dtype)  # e.g. float32 weights into bfloat16 parameters
     sharding = getattr(a, "sharding", None)
     return jax.device_put(x, sharding) if sharding is not None else x
 

@@ -75,15 +75,20 @@ def read_state_dict(path_or_state_dict: Any, prefix: str = "") -> Dict[str, np.n
     raise CheckpointMismatchError(
         f"{source}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
   # Unwrap {"model": state_dict, "optimizer": ..., "epoch": ...} style training checkpoints.
+  # A wrapper key holding a mapping wins over stray tensors beside it (e.g. the ImageNet example's
+  # {'state_dict': ..., 'best_acc1': tensor(76.1)}).
   for _ in range(3):
-    if any(_is_tensor_like(v) for v in obj.values()):
-      break
     inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
-    if inner is None:
+    if inner is not None:
+      obj = inner
+      continue
+    if not any(_is_tensor_like(v) for v in obj.values()):
       raise CheckpointMismatchError(
           f"{source}: no tensors found; top-level keys are {sorted(map(str, obj))[:20]}. Pass the "
           "state dict itself, or a file whose weights are under one of " + ", ".join(_WRAPPER_KEYS))
-    obj = inner
+    break
+  while prefix.startswith("module."):  # keys lose their DDP 'module.' below; so does the prefix
+    prefix = prefix[len("module."):]
   out: Dict[str, np.ndarray] = {}
   for k, v in obj.items():
     if not _is_tensor_like(v):
@@ -114,6 +119,13 @@ def _read_file(path: str):
     try:
       return load_file(path)
     except Exception as e:  # noqa: BLE001 - report any parse error in one line
+      if "bfloat16" in str(e):  # numpy has no bfloat16: read through torch if it is there
+        try:
+          from safetensors.torch import load_file as torch_load_file
+        except ImportError:
+          raise ImportError(f"{path} holds bfloat16 tensors, which need PyTorch to read: "
+                            "pip install 'visrep_jax[torch]'") from None
+        return torch_load_file(path)
       raise CheckpointMismatchError(f"{path}: not a readable safetensors file ({e})") from None
   if lower.endswith(".npz"):
     with np.load(path) as z:

@@ -146,8 +146,12 @@ def _count_macs(jaxpr) -> int:
       per_out = int(np.prod(rhs, dtype=np.int64)) // rhs[o_dim]  # kh * kw * (in / groups)
       total += int(np.prod(out, dtype=np.int64)) * per_out
       del i_dim
-    for sub in _sub_jaxprs(eqn):
-      # Control flow that repeats its body (scan) multiplies; cond/while bodies count once.
+    subs = list(_sub_jaxprs(eqn))
+    if prim == "cond":  # one branch runs: count the most expensive
+      total += max((_count_macs(sub) for sub in subs), default=0)
+      continue
+    for sub in subs:
+      # A scan repeats its body `length` times; a while body is counted once (trip count unknown).
       reps = eqn.params.get("length", 1) if prim == "scan" else 1
       total += reps * _count_macs(sub)
   return total
