@@ -177,29 +177,9 @@ def _layerscale(module: nn.Module, y, name: str, init: float):
   return y * gamma.astype(y.dtype)
 
 
-class CaiTBlock(nn.Module):
-  """deit ``LayerScale_Block``: x += dp(gamma_1 * TH-Attn(LN(x))); x += dp(gamma_2 * MLP(LN(x)))."""
-  num_heads: int
-  mlp_ratio: float = 4.0
-  qkv_bias: bool = True
-  layerscale_init: float = 1e-5
-  drop_path: float = 0.0
-  dropout: float = 0.0
-  attn_dropout: float = 0.0
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, deterministic: bool):
-    d = x.shape[-1]
-    norm = lambda name: nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=name)
-    y = TalkingHeadAttention(self.num_heads, self.qkv_bias, self.attn_dropout, self.dropout,
-                             dtype=self.dtype, name="attn")(norm("norm1")(x), deterministic)
-    x = x + layers.DropPath(self.drop_path)(
-        _layerscale(self, y, "gamma_1", self.layerscale_init), deterministic)
-    y = layers.Mlp(int(d * self.mlp_ratio), dropout=self.dropout, dtype=self.dtype,
-                   name="mlp")(norm("norm2")(x), deterministic)
-    return x + layers.DropPath(self.drop_path)(
-        _layerscale(self, y, "gamma_2", self.layerscale_init), deterministic)
+class CaiTBlock(layers.LayerScaleBlock):
+  """deit ``LayerScale_Block``: the LayerScale block with talking-heads attention."""
+  attn_cls: Any = TalkingHeadAttention
 
 
 class ClassAttentionBlock(nn.Module):
@@ -253,12 +233,7 @@ class CaiT(nn.Module):
     deterministic = not train
     x, (gh, gw) = layers.PatchEmbed(self.patch_size, self.embed_dim, self.dtype,
                                     name="patch_embed")(images.astype(self.dtype))
-    expected = (self.img_size // self.patch_size) ** 2
-    if gh * gw != expected:
-      raise ValueError(
-          f"input {images.shape[1]}x{images.shape[2]} gives {gh * gw} patches but the model was "
-          f"built for img_size={self.img_size} ({expected} patches); create the model with "
-          f"img_size={images.shape[1]} (and resample the position embedding of a checkpoint)")
+    layers.check_patch_grid(images, (gh, gw), self.img_size, self.patch_size)
     b, n, d = x.shape
     init = layers.trunc_normal(0.02)
     x = x + self.param("pos_embed", init, (1, n, d), jnp.float32).astype(self.dtype)

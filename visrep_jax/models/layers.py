@@ -241,7 +241,8 @@ class LayerScaleBlock(nn.Module):
   """Pre-norm transformer block, optionally with LayerScale (DeiT III / CaiT ``gamma_1/2``).
 
   x = x + DropPath(gamma_1 * Attn(LN(x)));  x = x + DropPath(gamma_2 * MLP(LN(x))).
-  ``layerscale_init=None`` gives the plain ViT/DeiT block.
+  ``layerscale_init=None`` gives the plain ViT/DeiT block; ``attn_cls`` replaces the attention
+  (same constructor as :class:`Attention`; CaiT passes its talking-heads attention).
   """
   num_heads: int
   mlp_ratio: float = 4.0
@@ -251,6 +252,7 @@ class LayerScaleBlock(nn.Module):
   dropout: float = 0.0
   attn_dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  attn_cls: Any = None  # None: Attention
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
@@ -263,13 +265,24 @@ class LayerScaleBlock(nn.Module):
       gamma = self.param(name, nn.initializers.constant(self.layerscale_init), (d,), jnp.float32)
       return y * gamma.astype(y.dtype)
 
-    y = Attention(self.num_heads, self.qkv_bias, self.attn_dropout, self.dropout,
-                  dtype=self.dtype, name="attn")(norm("norm1")(x), deterministic)
+    y = (self.attn_cls or Attention)(self.num_heads, self.qkv_bias, self.attn_dropout,
+                                     self.dropout, dtype=self.dtype,
+                                     name="attn")(norm("norm1")(x), deterministic)
     x = x + DropPath(self.drop_path)(scale(y, "gamma_1"), deterministic)
     y = Mlp(int(d * self.mlp_ratio), dropout=self.dropout, dtype=self.dtype,
             name="mlp")(norm("norm2")(x), deterministic)
     x = x + DropPath(self.drop_path)(scale(y, "gamma_2"), deterministic)
     return x
+
+
+def check_patch_grid(images, grid, img_size: int, patch_size: int):
+  """Raises a one-line error when ``images`` do not give the grid the model was built for."""
+  expected = (img_size // patch_size) ** 2
+  if grid[0] * grid[1] != expected:
+    raise ValueError(
+        f"input {images.shape[1]}x{images.shape[2]} gives {grid[0] * grid[1]} patches but the "
+        f"model was built for img_size={img_size} ({expected} patches); create the model with "
+        f"img_size={images.shape[1]} (and resample the position embedding of a checkpoint)")
 
 
 class PatchEmbed(nn.Module):

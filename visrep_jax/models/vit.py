@@ -85,12 +85,7 @@ class VisionTransformer(nn.Module):
     x = images.astype(self.dtype)
     x, (gh, gw) = layers.PatchEmbed(self.patch_size, self.embed_dim, self.dtype,
                                     name="patch_embed")(x)
-    expected = (self.img_size // self.patch_size) ** 2
-    if gh * gw != expected:
-      raise ValueError(
-          f"input {images.shape[1]}x{images.shape[2]} gives {gh * gw} patches but the model was "
-          f"built for img_size={self.img_size} ({expected} patches); create the model with "
-          f"img_size={images.shape[1]} (and resample the position embedding of a checkpoint)")
+    layers.check_patch_grid(images, (gh, gw), self.img_size, self.patch_size)
     b, n, d = x.shape
     init = layers.trunc_normal(0.02)
     prefix = [jnp.broadcast_to(
