@@ -246,3 +246,11 @@ def test_wrappers_with_stray_tensors_and_ddp_prefixes(tmp_path):
             str(tmp_path / "bf16.safetensors"))
   got = convert.load_torch_checkpoint("vit_test_patch4_16", str(tmp_path / "bf16.safetensors"))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2), got, expected)
+
+
+def test_checkpoint_with_pickled_objects_says_how_to_extract_the_weights(tmp_path):
+  import argparse
+  torch.save({"model": _tiny_timm().state_dict(), "args": argparse.Namespace(lr=0.1)},
+             tmp_path / "train_ckpt.pth")
+  with pytest.raises(convert.CheckpointMismatchError, match="save its weights alone"):
+    convert.read_state_dict(str(tmp_path / "train_ckpt.pth"))

@@ -139,7 +139,12 @@ def _read_file(path: str):
     return torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # noqa: BLE001
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise CheckpointMismatchError(f"{path}: torch.load failed ({msg})") from None
+    hint = ""
+    if "weights_only" in str(e) or "Weights only" in str(e):
+      hint = (" -- the file pickles more than tensors (e.g. the training args); if you trust it, "
+              "save its weights alone: torch.save(torch.load(f, weights_only=False)['model'], "
+              "'weights.pth')")
+    raise CheckpointMismatchError(f"{path}: torch.load failed ({msg}){hint}") from None
 
 
 # --------------------------------------------------------------------------------------------
