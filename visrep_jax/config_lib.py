@@ -98,6 +98,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.momentum = 0.9       # sgd only
   c.optimizer.clip_grad_norm = 0.0  # 0: off
   c.optimizer.no_decay = ["(^|/)pos_embed$", "(^|/)cls_token$", "(^|/)dist_token$"]
+  c.optimizer.layer_decay = 1.0    # < 1: layer-wise LR decay (BEiT-style fine-tuning); 1: off
+  c.optimizer.lr_multipliers = []  # [(regex on 'a/b/kernel' param paths, multiplier), ...]
 
   c.schedule = ml_collections.ConfigDict()
   c.schedule.name = "cosine"
@@ -105,6 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.schedule.warmup_epochs = 0.0
   c.schedule.warmup_init_lr = 1e-6
   c.schedule.min_lr = 1e-5
+  c.schedule.per_epoch = False     # True: LR constant within an epoch (the deit repo's stepping)
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "softmax_xent"
@@ -115,6 +118,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.mixup.cutmix_alpha = 0.0
   c.mixup.prob = 1.0
   c.mixup.switch_prob = 0.5
+
+  # Knowledge distillation (DeiT): teacher = any zoo model restored from a checkpoint, run inside
+  # the jitted train step on the same (mixed) images.
+  c.distill = ml_collections.ConfigDict()
+  c.distill.type = "none"          # none | soft | hard
+  c.distill.alpha = 0.5            # loss = (1 - alpha) * base + alpha * distillation
+  c.distill.tau = 1.0              # soft distillation temperature
+  c.distill.kl_divisor = "numel"   # soft: 'numel' (the deit repo: sum / (B*K)) or 'batch' (sum / B)
+  c.distill.teacher = ""           # zoo model name, e.g. 'regnety_160' / 'resnet50' / 'deit_base_patch16_224'
+  c.distill.teacher_checkpoint = ""  # workdir or `python -m visrep_jax.convert --out` directory
+  c.distill.teacher_overrides = {}   # extra models.create kwargs for the teacher
+
+  # Exponential moving average of the weights (timm ModelEmaV2); evaluated beside the weights.
+  c.ema = ml_collections.ConfigDict()
+  c.ema.decay = 0.0                # 0: off; DeiT uses 0.99996
 
   c.mesh = (("data", -1), ("fsdp", 1))  # (axis, size); -1 fills the remaining devices
   c.sharding = "replicate"         # parameter/optimizer-state rule: replicate | fsdp
@@ -143,7 +161,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
   _check(not missing, f"config is missing keys {missing}; start from config_lib.base_config().")
   unknown = sorted(set(config.keys()) - set(base.keys()))
   _check(not unknown, f"Unknown top-level config keys {unknown}. Valid: {', '.join(sorted(base.keys()))}.")
-  for sect in ("dataset", "optimizer", "schedule", "loss", "mixup"):
+  for sect in ("dataset", "optimizer", "schedule", "loss", "mixup", "distill", "ema"):
     bad = sorted(set(config[sect].keys()) - set(base[sect].keys()))
     _check(not bad, f"Unknown keys {bad} in config.{sect}. Valid: {', '.join(sorted(base[sect].keys()))}.")
   _choice(config.trainer, TRAINERS, "trainer")
