@@ -292,3 +292,47 @@ def test_init_zero_init_last_and_torch_init():
   # kaiming_normal(fan_out, relu): std sqrt(2 / (out * kh * kw)); conv2 is 3x3x8 -> 8.
   assert np.std(p["conv2"]["kernel"]) == pytest.approx(np.sqrt(2 / 72), rel=0.2)
   assert p["downsample_0"]["kernel"].shape == (1, 1, 16, 32)
+
+
+def test_small_image_stem_matches_torchvision():
+  """Fashion-MNIST/CIFAR stem (3x3 stride-2 conv on 1 channel, no max pool) vs torchvision with
+  the same surgery; the last stage runs at 2x2, where convs take the matmul path on CPU."""
+  torch.manual_seed(0)
+  tmodel = torchvision.models.resnet18(num_classes=10)
+  tmodel.conv1 = torch.nn.Conv2d(1, 64, 3, 2, 1, bias=False)
+  tmodel.maxpool = torch.nn.Identity()
+  tmodel = _randomize_bn_(tmodel, seed=3).eval()
+  kw = dict(num_classes=10, stem_kernel=3, stem_stride=2, stem_pool=False)
+  x = np.random.RandomState(1).randn(3, 28, 28, 1).astype(np.float32)
+  with torch.no_grad():
+    expected = tmodel(_nchw(x)).numpy()
+  variables = load_torch_checkpoint("resnet18", tmodel.state_dict(), in_chans=1, **kw)
+  logits, out = _forward("resnet18", variables, x, **kw)
+  _check("resnet18 small stem vs torchvision", logits, expected)
+  assert out["feature_map"].shape == (3, 2, 2, 512)
+  with pytest.raises(ValueError, match="stem_kernel must be odd"):
+    models.create("resnet18", stem_kernel=4).init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+
+
+@pytest.mark.parametrize("shape,k,stride,pad,dilation", [
+    ((2, 2, 2, 8), 3, 1, 1, 1), ((2, 1, 1, 8), 3, 1, 1, 1), ((2, 4, 4, 8), 3, 2, 1, 1),
+    ((2, 3, 5, 8), 3, 2, 1, 1), ((2, 4, 4, 8), 3, 1, 2, 2), ((2, 3, 3, 4), 5, 1, 2, 1)])
+def test_conv_as_matmul_equals_xla_conv(shape, k, stride, pad, dilation):
+  from visrep_jax.models import resnet
+  rng = np.random.RandomState(0)
+  x = jnp.asarray(rng.randn(*shape).astype(np.float32))
+  w = jnp.asarray(rng.randn(k, k, shape[-1], 6).astype(np.float32))
+
+  def ref(x, w):
+    return jax.lax.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)),
+                                        rhs_dilation=(dilation, dilation),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  def ours(x, w):
+    return resnet._conv_as_matmul(x, w, stride, pad, dilation)
+
+  np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
+  g_ref = jax.grad(lambda x, w: jnp.sum(ref(x, w) ** 2), argnums=(0, 1))(x, w)
+  g_ours = jax.grad(lambda x, w: jnp.sum(ours(x, w) ** 2), argnums=(0, 1))(x, w)
+  for a, b in zip(g_ours, g_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

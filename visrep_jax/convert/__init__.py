@@ -267,12 +267,13 @@ def _pos_embed_grid(model, num_tokens: int) -> Optional[Tuple[int, int]]:
 # Conversion
 # --------------------------------------------------------------------------------------------
 
-def model_variable_shapes(model, img_size: Optional[int] = None) -> Dict[Tuple[str, ...], Tuple[int, ...]]:
+def model_variable_shapes(model, img_size: Optional[int] = None,
+                          in_chans: int = 3) -> Dict[Tuple[str, ...], Tuple[int, ...]]:
   """Flat ``{(collection, ...path): shape}`` of ``model``'s variables (no real init)."""
   import jax
   import jax.numpy as jnp
   res = img_size or getattr(model, "img_size", None) or 224
-  x = jax.ShapeDtypeStruct((1, res, res, 3), jnp.float32)
+  x = jax.ShapeDtypeStruct((1, res, res, in_chans), jnp.float32)
   rngs = {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}
   shapes = jax.eval_shape(lambda r, im: model.init(r, im, train=False), rngs, x)
   return {k: tuple(v.shape) for k, v in _flatten(dict(shapes)).items()}
@@ -285,9 +286,11 @@ def _describe(items: Iterable[str], limit: int = 12) -> str:
 
 
 def convert_state_dict(model, state_dict: Mapping[str, Any], *, resample: bool = True,
-                       rename: Optional[Callable[[str], Optional[str]]] = None) -> Dict[str, Any]:
-  """Maps a flat PyTorch state dict onto ``model``'s variables; strict (see module doc)."""
-  target = model_variable_shapes(model)
+                       rename: Optional[Callable[[str], Optional[str]]] = None,
+                       in_chans: int = 3) -> Dict[str, Any]:
+  """Maps a flat PyTorch state dict onto ``model``'s variables; strict (see module doc).
+  ``in_chans``: input channels the model is built for (1 for grey-level images)."""
+  target = model_variable_shapes(model, in_chans=in_chans)
   rename = rename or getattr(type(model), "torch_rename", None)
   flat: Dict[Tuple[str, ...], np.ndarray] = {}
   unexpected: List[str] = []
@@ -364,7 +367,8 @@ def _resample_for(model, a: np.ndarray, want: Tuple[int, ...], key: str) -> np.n
 
 
 def load_torch_checkpoint(name_or_model: Any, path_or_state_dict: Any, *, prefix: str = "",
-                          resample: bool = True, **model_overrides) -> Dict[str, Any]:
+                          resample: bool = True, in_chans: int = 3,
+                          **model_overrides) -> Dict[str, Any]:
   """Flax variables (``{'params': ..., ['batch_stats': ...]}``, numpy float32) for a model.
 
   ``name_or_model``: a registered name (``models.create(name, **model_overrides)`` is built, so
@@ -380,7 +384,7 @@ def load_torch_checkpoint(name_or_model: Any, path_or_state_dict: Any, *, prefix
     model = name_or_model
   sd = read_state_dict(path_or_state_dict, prefix=prefix)
   try:
-    return convert_state_dict(model, sd, resample=resample)
+    return convert_state_dict(model, sd, resample=resample, in_chans=in_chans)
   except CheckpointMismatchError as e:
     where = path_or_state_dict if isinstance(path_or_state_dict, (str, os.PathLike)) else "state dict"
     label = name_or_model if isinstance(name_or_model, str) else type(model).__name__
