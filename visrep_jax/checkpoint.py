@@ -61,14 +61,28 @@ def _restore_as_numpy(directory: str) -> Any:
   return ckptr.restore(directory, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
 
-def load_variables(path: str, abstract_params: Any, abstract_model_state: Any = None
-                   ) -> Tuple[Any, Any]:
+def load_variables(path: str, abstract_params: Any, abstract_model_state: Any = None, *,
+                   adapt_pos_embed: bool = True, adapt_head: bool = True,
+                   init_params: Any = None) -> Tuple[Any, Any]:
   """Loads ``(params, model_state)`` for ``init_checkpoint`` onto the abstract shapes/shardings.
 
   ``path``: a training workdir, its ``checkpoints`` dir or a step dir (the train state's
   ``params`` / ``model_state`` are used), or the output of ``python -m visrep_jax.convert``
   (``variables/`` with ``params`` and e.g. ``batch_stats``). ``model_state`` is ``{}`` when the
   model has none; a model with BatchNorm statistics requires them in the checkpoint.
+
+  Fine-tuning (DeiT's ``--finetune``), each with a log line (WARNING) saying what was done:
+
+  * ``adapt_pos_embed``: a ``pos_embed`` whose token count differs (another resolution, e.g. a
+    224 checkpoint into a 384 model) is resampled with :func:`visrep_jax.convert.resample_pos_embed`
+    (bicubic as PyTorch, ``align_corners=False``); class / distillation token slots are kept.
+  * ``adapt_head``: a classifier head (top-level ``head``, ``head_dist`` or ``fc``) whose shapes
+    differ (another class count, e.g. ImageNet-21k -> 1k) or that only one side has is dropped
+    and re-initialised: from ``init_params`` (the model's fresh initial parameters) when given,
+    else kernel ~ N(0, 0.02^2) truncated at 2 std and zero bias (the zoo transformers' head init).
+    Pass ``adapt_head=False`` to evaluate: a mismatched head is then an error.
+
+  Any other mismatch raises ``ValueError`` naming the parameters.
   """
   path = os.path.abspath(path)
   for d in (path, os.path.join(path, "checkpoints")):
@@ -93,9 +107,10 @@ def load_variables(path: str, abstract_params: Any, abstract_model_state: Any = 
   stored_state = tree.get("model_state") or {k: v for k, v in tree.items()
                                              if k not in ("params", "step", "opt_state")}
 
-  def place(a, x):
+  def place(key, a, x):
     if tuple(a.shape) != tuple(x.shape):
-      raise ValueError(f"shape {tuple(x.shape)} != model's {tuple(a.shape)}")
+      raise ValueError(f"{jax.tree_util.keystr(key)} has shape {tuple(x.shape)}, the model's "
+                       f"{tuple(a.shape)}")
     x = np.asarray(x, dtype=a.dtype)  # e.g. float32 weights into bfloat16 parameters
     sharding = getattr(a, "sharding", None)
     return jax.device_put(x, sharding) if sharding is not None else x
@@ -111,10 +126,12 @@ def load_variables(path: str, abstract_params: Any, abstract_model_state: Any = 
           f"{' ...' if len(missing) > 8 else ''}, unexpected {extra[:8]}"
           f"{' ...' if len(extra) > 8 else ''} (is config.model the checkpoint's model?)")
     try:
-      return jax.tree.map(place, abstract, stored)
+      return jax.tree_util.tree_map_with_path(place, abstract, stored)
     except ValueError as e:
       raise ValueError(f"checkpoint {path} does not match the model's {what}: {e}") from None
 
+  params = _adapt_for_finetuning(path, abstract_params, params, adapt_pos_embed, adapt_head,
+                                 init_params)
   params = restore(abstract_params, params, "parameters")
   model_state = {}
   if abstract_model_state:
@@ -124,6 +141,97 @@ def load_variables(path: str, abstract_params: Any, abstract_model_state: Any = 
   return params, model_state
 
 
-def load_params(path: str, abstract_params: Any) -> Any:
+def load_params(path: str, abstract_params: Any, **kwargs) -> Any:
   """The ``params`` of :func:`load_variables`."""
-  return load_variables(path, abstract_params)[0]
+  return load_variables(path, abstract_params, **kwargs)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Fine-tuning adaptations of an init checkpoint (new resolution, new class count).
+
+HEAD_MODULES = ("head", "head_dist", "fc")
+
+
+def pos_embed_extra_tokens(stored_tokens: int, target_tokens: int) -> int:
+  """Number of class/distillation slots (0, 1 or 2) that make both token counts
+  ``extra + square grid`` (DeiT: 1 or 2; DeiT III, CaiT: 0)."""
+  def is_square(n):
+    r = int(round(np.sqrt(n))) if n > 0 else 0
+    return r > 0 and r * r == n
+  options = [e for e in (0, 1, 2) if is_square(stored_tokens - e) and is_square(target_tokens - e)]
+  if len(options) != 1:
+    raise ValueError(
+        f"cannot resample a position embedding of {stored_tokens} tokens to {target_tokens}: "
+        "the checkpoint and the model need the same number of class/distillation tokens (0, 1 "
+        "or 2) before a square patch grid (is only one of them a distilled model?)")
+  return options[0]
+
+
+def _head_init(shape, dtype, key: str, seed: int = 0) -> np.ndarray:
+  if key.endswith("kernel"):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape)
+    while True:  # truncate at 2 std (jax.nn.initializers.truncated_normal's bounds)
+      bad = np.abs(x) > 2.0
+      if not bad.any():
+        break
+      x[bad] = rng.standard_normal(int(bad.sum()))
+    return (0.02 * x).astype(dtype)
+  return np.zeros(shape, dtype)
+
+
+def _adapt_for_finetuning(path: str, abstract_params: Any, stored: Any, adapt_pos_embed: bool,
+                          adapt_head: bool, init_params: Any = None) -> Any:
+  """``stored`` params with the resolution / class-count changes of a fine-tuning applied."""
+  from flax import traverse_util
+  if not isinstance(stored, dict) or not (adapt_pos_embed or adapt_head):
+    return stored
+  a_flat = traverse_util.flatten_dict(_plain(abstract_params))
+  s_flat = dict(traverse_util.flatten_dict(_plain(stored)))
+  i_flat = traverse_util.flatten_dict(_plain(init_params)) if init_params is not None else {}
+
+  if adapt_pos_embed:
+    for k, a in a_flat.items():
+      if k[-1] == "pos_embed" and k in s_flat and tuple(s_flat[k].shape) != tuple(a.shape):
+        old, new = tuple(s_flat[k].shape), tuple(a.shape)
+        if len(old) != 3 or len(new) != 3 or old[0] != 1 or old[2] != new[2]:
+          continue  # not a (1, tokens, dim) embedding of the same width: reported below
+        extra = pos_embed_extra_tokens(old[1], new[1])
+        g_old, g_new = int(round(np.sqrt(old[1] - extra))), int(round(np.sqrt(new[1] - extra)))
+        from visrep_jax.convert import resample_pos_embed
+        s_flat[k] = resample_pos_embed(np.asarray(s_flat[k], np.float32), (g_new, g_new), extra,
+                                       (g_old, g_old))
+        logging.warning("init_checkpoint %s: resampled %s from a %dx%d to a %dx%d patch grid "
+                        "(bicubic, %d class/distillation token(s) kept).", path, "/".join(k),
+                        g_old, g_old, g_new, g_new, extra)
+
+  if adapt_head:
+    heads = sorted({k[0] for k in list(a_flat) + list(s_flat)
+                    if len(k) > 1 and k[0] in HEAD_MODULES})
+    for head in heads:
+      a_keys = {k for k in a_flat if k[0] == head}
+      s_keys = {k for k in s_flat if k[0] == head}
+      if a_keys == s_keys and all(tuple(s_flat[k].shape) == tuple(a_flat[k].shape) for k in a_keys):
+        continue
+      for k in s_keys:
+        del s_flat[k]
+      for k in a_keys:
+        a = a_flat[k]
+        if k in i_flat and tuple(i_flat[k].shape) == tuple(a.shape):
+          s_flat[k] = np.asarray(i_flat[k])
+        else:
+          s_flat[k] = _head_init(tuple(a.shape), np.dtype(a.dtype), k[-1])
+      shapes = lambda keys, flat: ", ".join(f"{'/'.join(k[1:])} {tuple(flat[k].shape)}"
+                                            for k in sorted(keys)) or "none"
+      logging.warning("init_checkpoint %s: classifier '%s' dropped and re-initialised "
+                      "(checkpoint: %s; model: %s).", path, head,
+                      shapes(s_keys, dict(traverse_util.flatten_dict(_plain(stored)))),
+                      shapes(a_keys, a_flat))
+  return traverse_util.unflatten_dict(s_flat)
+
+
+def _plain(tree: Any) -> Any:
+  """Nested plain dicts (FrozenDict and friends unfrozen) for flax.traverse_util."""
+  if hasattr(tree, "items"):
+    return {k: _plain(v) for k, v in tree.items()}
+  return tree

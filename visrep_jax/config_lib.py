@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import math
+import os
+import re
 from typing import Any, Dict, Iterable, Optional
 
 import ml_collections
@@ -232,6 +234,79 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
     _check(config.mixup[k] >= 0, f"config.mixup.{k} must be >= 0.")
   for k in ("prob", "switch_prob"):
     _check(0.0 <= config.mixup[k] <= 1.0, f"config.mixup.{k} must be in [0, 1].")
+  _validate_lr_options(config)
+  _validate_distill(config)
+  decay = config.ema.decay
+  _check(isinstance(decay, (int, float)) and 0.0 <= decay < 1.0,
+         f"config.ema.decay must be in [0, 1) (0: off; DeiT: 0.99996), got {decay!r}.")
+
+
+def _validate_lr_options(config):
+  from visrep_jax import optim
+  o, s = config.optimizer, config.schedule
+  ld = o.layer_decay
+  _check(isinstance(ld, (int, float)) and 0.0 < ld <= 1.0,
+         f"config.optimizer.layer_decay must be in (0, 1] (1: off; e.g. 0.65 for BEiT-style "
+         f"fine-tuning), got {ld!r}.")
+  form = ("config.optimizer.lr_multipliers must be a list of (regex, multiplier) pairs matched "
+          "against 'a/b/kernel' parameter paths, e.g. [('^head/', 10.0)]")
+  _check(isinstance(o.lr_multipliers, (list, tuple)), f"{form}; got {o.lr_multipliers!r}.")
+  for item in o.lr_multipliers:
+    ok = (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str)
+          and isinstance(item[1], (int, float)) and not isinstance(item[1], bool))
+    _check(ok, f"{form}; got the entry {item!r}.")
+    _check(item[1] >= 0 and math.isfinite(item[1]),
+           f"config.optimizer.lr_multipliers: the multiplier of {item[0]!r} must be a finite "
+           f"number >= 0, got {item[1]!r}.")
+    try:
+      re.compile(item[0])
+    except re.error as e:
+      raise ConfigError(f"config.optimizer.lr_multipliers: {item[0]!r} is not a valid regular "
+                        f"expression ({e}).") from None
+  _check(isinstance(s.per_epoch, bool), f"config.schedule.per_epoch must be True or False, got "
+         f"{s.per_epoch!r}.")
+  if s.per_epoch:
+    _check(s.name in optim.EPOCH_SCHEDULES.names(),
+           f"config.schedule.per_epoch=True is not available for config.schedule.name="
+           f"{s.name!r}; choose one of: {', '.join(optim.EPOCH_SCHEDULES.names())}.")
+
+
+def _validate_distill(config):
+  from visrep_jax import losses, models
+  from visrep_jax.registry import UnknownNameError
+  d = config.distill
+  _choice(d.type, ("none",) + tuple(losses.DISTILLATION.names()), "distill.type")
+  _choice(d.kl_divisor, losses.KL_DIVISORS, "distill.kl_divisor")
+  _check(isinstance(d.alpha, (int, float)) and 0.0 <= d.alpha <= 1.0,
+         f"config.distill.alpha must be in [0, 1], got {d.alpha!r}.")
+  _check(isinstance(d.tau, (int, float)) and d.tau > 0,
+         f"config.distill.tau must be > 0, got {d.tau!r}.")
+  if d.type == "none":
+    return
+  _check(bool(d.teacher), f"config.distill.type={d.type!r} needs a teacher: set "
+         "config.distill.teacher to a zoo model name (e.g. 'regnety_160', 'resnet50', "
+         "'deit_base_patch16_224') and config.distill.teacher_checkpoint to its weights.")
+  try:
+    models.MODELS.get(d.teacher)
+  except UnknownNameError as e:
+    raise ConfigError(f"config.distill.teacher: {e}") from None
+  overrides = d.teacher_overrides
+  _check(hasattr(overrides, "keys"), "config.distill.teacher_overrides must be a dict of "
+         f"models.create options, got {overrides!r}.")
+  overrides = overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides)
+  _check("num_classes" not in overrides, "config.distill.teacher_overrides must not set "
+         "num_classes: the teacher predicts the student's classes (config.dataset.num_classes).")
+  try:
+    models.create(d.teacher, **overrides)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config.distill.teacher_overrides: {e}") from None
+  path = d.teacher_checkpoint
+  _check(bool(path), f"config.distill.type={d.type!r} needs config.distill.teacher_checkpoint: "
+         "a training workdir or the --out directory of python -m visrep_jax.convert holding "
+         f"the weights of {d.teacher!r}.")
+  _check("://" in path or os.path.exists(path),
+         f"config.distill.teacher_checkpoint={path!r} does not exist: give a training workdir "
+         "or the --out directory of python -m visrep_jax.convert.")
 
 
 # Config keys under `model` that are not constructor arguments of the module.
@@ -246,3 +321,72 @@ def model_overrides(config) -> Dict[str, Any]:
   if config.get("remat", False):
     kw.setdefault("remat", True)
   return kw
+
+
+# ------------------------------------------------------------------ shared pieces of recipe configs
+
+FASHION_MNIST_EVAL_PP = "decode(1)|normalize('fashion_mnist')"
+
+
+def use_fashion_mnist(c: ml_collections.ConfigDict, train_pp: str,
+                      eval_pp: str = FASHION_MNIST_EVAL_PP) -> ml_collections.ConfigDict:
+  """Points a recipe at Fashion-MNIST (offline, 60k train / 10k test grey 28x28 images): the
+  ``fashion_mnist`` argument of every recipe config. No repeated augmentation at this scale."""
+  c.dataset.name = "fashion_mnist"
+  c.dataset.train_split = "train"
+  c.dataset.eval_split = "test"
+  c.dataset.repeated_aug = 1
+  c.dataset.shuffle_buffer = 60_000
+  c.dataset.train_pp = train_pp
+  c.dataset.eval_pp = eval_pp
+  return c
+
+
+def use_synthetic_smoke_run(c: ml_collections.ConfigDict, train_pp: str, eval_pp: str,
+                            repeated_aug: int = 1, steps: int = 6) -> ml_collections.ConfigDict:
+  """The ``runlocal`` argument of every recipe config: ``steps`` steps on the synthetic dataset,
+  logging every 2, evaluating and checkpointing every 3, no progress bar."""
+  c.dataset.name = "synthetic"
+  c.dataset.train_split = "train"
+  c.dataset.eval_split = "test"
+  c.dataset.repeated_aug = repeated_aug
+  c.dataset.shuffle_buffer = 1000
+  c.dataset.train_pp = train_pp
+  c.dataset.eval_pp = eval_pp
+  c.total_epochs = 0.0
+  c.total_steps = steps
+  c.log_every_steps = 2
+  c.eval_every_steps = 3
+  c.checkpoint_every_steps = 3
+  c.progress_bar = False
+  return c
+
+
+def use_deit_schedule_and_regularisation(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The part of the deit repo's main.py recipe that DeiT, CaiT, ResMLP and PatchConvNet share:
+  cosine LR stepped once per epoch after 5 warmup epochs from 1e-6 down to 1e-5, label
+  smoothing 0.1 with softmax cross-entropy, Mixup 0.8 / CutMix 1.0 (prob 1, switch 0.5) and the
+  weight EMA (decay 0.99996)."""
+  c.schedule.name = "cosine"
+  c.schedule.warmup_epochs = 5.0
+  c.schedule.warmup_init_lr = 1e-6
+  c.schedule.min_lr = 1e-5
+  c.schedule.per_epoch = True
+  c.loss.name = "softmax_xent"
+  c.loss.label_smoothing = 0.1
+  c.mixup.mixup_alpha = 0.8
+  c.mixup.cutmix_alpha = 1.0
+  c.mixup.prob = 1.0
+  c.mixup.switch_prob = 0.5
+  c.ema.decay = 0.99996
+  return c
+
+
+def use_distillation(c: ml_collections.ConfigDict, kind: str, teacher_model: str,
+                     teacher_checkpoint: str, alpha: float = 0.5) -> ml_collections.ConfigDict:
+  """Knowledge distillation from ``teacher_model`` restored from ``teacher_checkpoint``."""
+  c.distill.type = kind
+  c.distill.alpha = alpha
+  c.distill.teacher = teacher_model
+  c.distill.teacher_checkpoint = teacher_checkpoint
+  return c

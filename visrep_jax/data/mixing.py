@@ -4,6 +4,11 @@ One lambda per global batch; the partner of example i is example B-1-i (timm's `
 With both alphas > 0, CutMix is chosen with probability ``switch_prob``. CutMix uses timm's
 ``correct_lam``: lambda is recomputed from the clipped box area. Targets are mixed with the same
 lambda, so each row still sums to 1.
+
+Label smoothing is applied by the loss, after mixing: ``smooth(lam * y + (1 - lam) * y')`` with
+``smooth(t) = (1 - s) * t + s / K``. Because lam + (1 - lam) = 1 this equals timm's
+``Mixup(label_smoothing=s)`` targets ``lam * smooth(y) + (1 - lam) * smooth(y')``
+(tests/test_augment.py checks it against timm's ``mixup_target``).
 """
 
 from __future__ import annotations
@@ -28,6 +33,11 @@ def cutmix_box(rng, lam, height: int, width: int):
 def mix_batch(rng, images, targets, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
               prob: float = 1.0, switch_prob: float = 0.5):
   """Returns mixed ``(images [B,H,W,C], targets [B,K], lam)``."""
+  if mixup_alpha < 0.0 or cutmix_alpha < 0.0:
+    raise ValueError(f"mixup_alpha and cutmix_alpha must be >= 0 (0 turns one off), got "
+                     f"{mixup_alpha}, {cutmix_alpha}")
+  if not (0.0 <= prob <= 1.0 and 0.0 <= switch_prob <= 1.0):
+    raise ValueError(f"mixup prob and switch_prob must be in [0, 1], got {prob}, {switch_prob}")
   if mixup_alpha <= 0.0 and cutmix_alpha <= 0.0:
     return images, targets, jnp.ones((), jnp.float32)
   r_apply, r_switch, r_mix, r_cut, r_box = jax.random.split(rng, 5)

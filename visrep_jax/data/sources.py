@@ -9,7 +9,11 @@ Registered sources (``config.dataset.name``):
   * ``image_folder``   ``data_dir/<split>/<class>/*.{jpg,png,...}`` for users' own data.
   * ``synthetic``      random images (tests, benchmarks).
   * ``tfds:<name>``    any TFDS dataset prepared under ``data_dir`` (e.g. ``tfds:imagenet2012``);
-                       plain TFDS names such as ``imagenet2012``, ``cifar10`` work too.
+                       plain TFDS names such as ``imagenet2012``, ``cifar10`` work too. Splits
+                       may be combined with ``+`` (Flowers-102: ``train+validation``).
+  * ``imagenet21k``, ``i_naturalist2019``
+                       not in TFDS: image folders under ``data_dir`` (``<split>/<class>/<image>``);
+                       see :func:`imagenet21k` and :func:`i_naturalist2019` for the layouts.
 """
 
 from __future__ import annotations
@@ -33,8 +37,8 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
                          "Shirt", "Sneaker", "Bag", "Ankle boot")
 # TFDS datasets we know by plain name (anything else needs the explicit 'tfds:' prefix).
 KNOWN_TFDS = ("imagenet2012", "imagenet2012_subset", "imagenet_v2", "imagenet2012_real",
-              "imagenet21k", "cifar10", "cifar100", "oxford_flowers102", "cars196",
-              "i_naturalist2018", "i_naturalist2019", "mnist", "caltech101", "dtd",
+              "cifar10", "cifar100", "oxford_flowers102", "cars196",
+              "i_naturalist2018", "mnist", "caltech101", "dtd",
               "oxford_iiit_pet", "food101", "sun397", "patch_camelyon")
 
 
@@ -265,6 +269,33 @@ def image_folder(data_dir: Optional[str] = None, **unused) -> Source:
   return ImageFolderSource(data_dir)
 
 
+def _named_image_folder(name: str, data_dir: Optional[str], layout: str) -> Source:
+  if not data_dir or not os.path.isdir(data_dir):
+    raise DataError(f"{name} is not in TFDS: set dataset.data_dir to an image folder laid out as "
+                    f"{layout} (got data_dir={data_dir!r}).")
+  return ImageFolderSource(data_dir)
+
+
+@SOURCES.register("imagenet21k")
+def imagenet21k(data_dir: Optional[str] = None, **unused) -> Source:
+  """ImageNet-21k (DeiT III / PatchConvNet pre-training) as an image folder: the winter-2021 or
+  fall-2011 release's ``<wnid>.tar`` archives extracted to ``<data_dir>/train/<wnid>/*.JPEG``,
+  and a held-out split with the same class directories, ``<data_dir>/val/<wnid>/*.JPEG`` (e.g.
+  50 images per class moved out of train)."""
+  return _named_image_folder("imagenet21k", data_dir,
+                             "<data_dir>/train/<wnid>/*.JPEG and <data_dir>/val/<wnid>/*.JPEG")
+
+
+@SOURCES.register("i_naturalist2019")
+def i_naturalist2019(data_dir: Optional[str] = None, **unused) -> Source:
+  """iNaturalist 2019 (1,010 categories, 265,240 train / 3,003 val images) as an image folder:
+  ``<data_dir>/{train,val}/<category_id>/<image>.jpg``, built from the challenge's
+  ``train2019.json`` / ``val2019.json`` (each image linked into the directory of its
+  ``category_id``; zero-padding the ids, e.g. ``0042``, keeps the sorted class order numeric)."""
+  return _named_image_folder("i_naturalist2019", data_dir,
+                             "<data_dir>/{train,val}/<category_id>/<image>.jpg")
+
+
 # ----------------------------------------------------------------------------------------------
 # TFDS.
 
@@ -301,8 +332,13 @@ class TfdsSource(Source):
     self.num_classes = int(getattr(label, "num_classes", 0) or 0)
     self.splits = sorted(info.splits.keys())
 
+  def check_split(self, split, splits):
+    # TFDS split expressions: 'train', 'train[:90%]', 'train+validation'.
+    for part in split.split("+"):
+      super().check_split(part.split("[")[0].strip(), splits)
+
   def num_examples(self, split):
-    self.check_split(split.split("[")[0], self.splits)
+    self.check_split(split, self.splits)
     return self.builder.info.splits[split].num_examples
 
   def shard_sizes(self, split, process_count):
@@ -311,7 +347,7 @@ class TfdsSource(Source):
 
   def make(self, split, process_index, process_count):
     tf = tf_host()
-    self.check_split(split.split("[")[0], self.splits)
+    self.check_split(split, self.splits)
     sub = self.tfds.even_splits(split, n=process_count)[process_index]
     ds = self.builder.as_dataset(
         split=sub, shuffle_files=False,

@@ -79,7 +79,7 @@ def resolve_steps(config, num_train_examples: int) -> Dict[str, int]:
     total = int(config.total_steps)
   else:
     total = int(math.ceil(config.total_epochs * steps_per_epoch))
-  warmup = int(config.schedule.warmup_steps or round(config.schedule.warmup_epochs * steps_per_epoch))
+  warmup = optim.resolve_warmup_steps(config, steps_per_epoch)
   return {"total_steps": total, "warmup_steps": warmup, "steps_per_epoch": steps_per_epoch}
 
 
@@ -116,28 +116,64 @@ def build(config: ml_collections.ConfigDict, devices=None):
   model = models.create(config.model.name, num_classes=num_classes,
                         **config_lib.model_overrides(config))
   image_shape = _input_shape(source, config.dataset.train_split, config.dataset.train_pp)
-
-  cfg_sched = ml_collections.ConfigDict(config.to_dict())
-  cfg_sched.schedule.warmup_steps = schedule["warmup_steps"]
+  total_steps, steps_per_epoch = schedule["total_steps"], schedule["steps_per_epoch"]
 
   def tx_fn(params):
-    return optim.make_optimizer(cfg_sched, params, schedule["total_steps"])[0]
+    return optim.make_optimizer(config, params, total_steps, steps_per_epoch)[0]
 
   rng = jax.random.PRNGKey(config.seed)
   r_init, r_train = jax.random.split(rng)
+  ema_decay = float(config.ema.decay)
   state, state_shardings, tx = common.create_train_state(
-      model, tx_fn, r_init, image_shape, mesh, config.sharding)
-  lr_fn = optim.make_schedule(cfg_sched, schedule["total_steps"])
+      model, tx_fn, r_init, image_shape, mesh, config.sharding, ema=ema_decay > 0)
+  lr_fn = optim.make_schedule(config, total_steps, steps_per_epoch)
   mix = {k: float(v) for k, v in config.mixup.items()}
-  train_step = common.make_train_step(model, tx, num_classes, config.loss.name,
-                                      config.loss.label_smoothing, mix)
   batch_sharding = sharding_lib.batch_sharding(mesh)
+  teacher = _load_teacher(config, num_classes, image_shape, mesh)
+  distill = dict(config.distill.to_dict()) if teacher else None
+  train_step = common.make_train_step(model, tx, num_classes, config.loss.name,
+                                      config.loss.label_smoothing, mix, ema_decay=ema_decay,
+                                      teacher=teacher[0] if teacher else None, distill=distill)
+  jitted = common.jit_train_step(train_step, state_shardings, batch_sharding, mesh,
+                                 teacher_shardings=teacher[2] if teacher else None)
+  if teacher:
+    teacher_variables = teacher[1]
+
+    def run_train_step(state, batch, rng):  # the teacher's variables ride along, not in the state
+      return jitted(state, batch, rng, teacher_variables)
+  else:
+    run_train_step = jitted
   return dict(mesh=mesh, source=source, num_classes=num_classes, model=model, state=state,
               state_shardings=state_shardings, tx=tx, lr_fn=lr_fn, rng=r_train,
               image_shape=image_shape, batch_sharding=batch_sharding, **schedule,
-              train_step=common.jit_train_step(train_step, state_shardings, batch_sharding, mesh),
+              teacher=teacher[0] if teacher else None, train_step=run_train_step,
               eval_step=common.jit_eval_step(common.make_eval_step(model, num_classes),
                                              state_shardings, batch_sharding, mesh))
+
+
+def _load_teacher(config, num_classes: int, image_shape, mesh):
+  """``(model, variables, shardings)`` of the distillation teacher, or None without one. Any
+  problem with it is a ``ConfigError`` naming the config keys, raised before training starts."""
+  d = config.distill
+  if d.type == "none":
+    return None
+  overrides = d.teacher_overrides
+  overrides = overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides or {})
+  overrides.setdefault("dtype", config_lib.model_overrides(config)["dtype"])
+  path = d.teacher_checkpoint
+  try:
+    teacher = common.init_teacher(d.teacher, path, num_classes, image_shape, mesh,
+                                  config.sharding, **overrides)
+  except FileNotFoundError as e:
+    raise config_lib.ConfigError(f"config.distill.teacher_checkpoint={path!r}: {e}") from None
+  except ValueError as e:
+    raise config_lib.ConfigError(
+        f"config.distill.teacher_checkpoint={path!r} does not fit config.distill.teacher="
+        f"{d.teacher!r} with {num_classes} classes (set config.distill.teacher_overrides to the "
+        f"checkpoint's model options): {e}") from None
+  _log("Distillation (%s, alpha %g, tau %g): teacher %s restored from %s.", d.type, d.alpha,
+       d.tau, d.teacher, path)
+  return teacher
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
@@ -156,9 +192,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   start_step = 0
   latest = ckpt.latest_step()
   if latest is not None:
-    abstract = ckpt_lib.abstract_with_shardings(jax.eval_shape(lambda s: s, state),
-                                                b["state_shardings"])
-    state, meta = ckpt.restore(abstract, latest)
+    state, meta = _restore(ckpt, latest, state, b["state_shardings"])
     start_step = int(jax.device_get(state.step))
     _log("Resumed from %s at step %d.", ckpt.directory, start_step)
     old = meta.get("config")
@@ -168,9 +202,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     abstract_params = ckpt_lib.abstract_with_shardings(state.params, b["state_shardings"].params)
     abstract_model_state = ckpt_lib.abstract_with_shardings(state.model_state,
                                                             b["state_shardings"].model_state)
+    # Fine-tuning re-initialises a head that does not fit (another class count); evaluating
+    # must not: a mismatch is then an error, not a random head. Position embeddings are
+    # resampled in both cases (evaluating at another resolution is a legitimate experiment).
     params, model_state = ckpt_lib.load_variables(config.init_checkpoint, abstract_params,
-                                                  abstract_model_state)
+                                                  abstract_model_state,
+                                                  adapt_head=not config.eval_only)
     state = state.replace(params=params, model_state=model_state or state.model_state)
+    if state.ema:  # the EMA starts from the loaded weights (own buffers: the state is donated)
+      state = state.replace(ema=jax.tree.map(lambda x: x.copy(), {
+          "params": state.params, "model_state": state.model_state}))
     _log("Initialised parameters from %s.", config.init_checkpoint)
 
   eval_input = pipeline.make_eval(b["source"], config.dataset.eval_split, config.dataset.eval_pp,
@@ -183,9 +224,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     if skipped:
       _log("Skipped %d undecodable evaluation images.", skipped)
     scalars = {f"eval/{k}": v for k, v in res.items()}
-    writer.write_scalars(step, scalars)
     _log("step %d  eval top-1 %.4f  top-5 %.4f  loss %.4f  (%d examples)", step, res["top1"],
          res["top5"], res["loss"], res["num_examples"])
+    if state.ema:
+      ema = classification.evaluate(b["eval_step"], common.ema_as_state(state), eval_input,
+                                    b["batch_sharding"], progress_bar=config.progress_bar,
+                                    desc=f"eval-ema@{step}")
+      ema = {f"ema_{k}": v for k, v in ema.items() if k != "num_examples"}
+      scalars.update({f"eval/{k}": v for k, v in ema.items()})
+      res = dict(res, **ema)
+      _log("step %d  EMA eval top-1 %.4f  top-5 %.4f  loss %.4f", step, ema["ema_top1"],
+           ema["ema_top5"], ema["ema_loss"])
+    writer.write_scalars(step, scalars)
     return res
 
   def save(step, force=False):
@@ -203,7 +253,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       b["source"], config.dataset.train_split, config.dataset.train_pp,
       config.batch_size, seed=config.seed, start_step=start_step,
       shuffle_buffer=config.dataset.shuffle_buffer, repeated_aug=config.dataset.repeated_aug,
-      skip_corrupt=config.dataset.skip_corrupt)
+      skip_corrupt=config.dataset.skip_corrupt, num_shards=b["mesh"].size)
   batches = pipeline.prefetch_to_device(train_input.iterator, b["batch_sharding"])
   progress = metrics_lib.Progress(total_steps, start_step, config.batch_size)
   _log("Training %s on %s: %d steps (%d per epoch), batch %d on %d devices (%d processes), "
@@ -234,8 +284,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
           scalars["train/lr"] = float(b["lr_fn"](step - 1))
           scalars["train/images_per_sec"] = p["images_per_sec"]
           writer.write_scalars(step, scalars)
-          _log("step %d/%d  loss %.4f  lr %.3g  %.1f img/s  ETA %s", step, total_steps,
-               scalars["train/loss"], scalars["train/lr"], p["images_per_sec"],
+          distill = ("  (base %.4f, distill %.4f)" % (scalars["train/base_loss"],
+                                                     scalars["train/distill_loss"])
+                     if "train/distill_loss" in scalars else "")
+          _log("step %d/%d  loss %.4f%s  lr %.3g  %.1f img/s  ETA %s", step, total_steps,
+               scalars["train/loss"], distill, scalars["train/lr"], p["images_per_sec"],
                metrics_lib.format_eta(p["eta_sec"]))
         if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
           save(step)
@@ -270,6 +323,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   _log("Done. Test top-1 %.4f. Logs: %s/metrics.jsonl, TensorBoard: %s/tensorboard, "
        "checkpoints: %s", final["top1"], workdir, workdir, ckpt.directory)
   return final
+
+
+def _restore(ckpt, step: int, state, state_shardings):
+  """Restores the train state of ``step``. A checkpoint written with the EMA switched the other
+  way (``config.ema.decay`` changed, or written before the EMA existed) still resumes: a missing
+  EMA starts from the restored weights, an unwanted one is dropped."""
+  abstract = ckpt_lib.abstract_with_shardings(jax.eval_shape(lambda s: s, state), state_shardings)
+  try:
+    return ckpt.restore(abstract, step)
+  except ValueError as e:
+    if "ema" not in str(e):
+      raise
+  fields = {k: getattr(abstract, k) for k in ("step", "params", "opt_state", "model_state")}
+  full_ema = {"params": abstract.params, "model_state": abstract.model_state}
+  # Written before the EMA existed (no 'ema'), without an EMA ({}), or with one.
+  candidates = [fields, dict(fields, ema={}), dict(fields, ema=full_ema)]
+  for i, candidate in enumerate(candidates):
+    try:
+      restored, meta = ckpt.restore(candidate, step)
+      break
+    except ValueError:
+      if i == len(candidates) - 1:
+        raise
+  restored.pop("ema", None)
+  restored = common.TrainState(**restored)
+  if state.ema:
+    restored = restored.replace(ema=jax.tree.map(lambda x: x.copy(), {
+        "params": restored.params, "model_state": restored.model_state}))
+    _log("The checkpoint has no weight EMA: the EMA starts from its weights at step %d.", step)
+  elif i == 2:
+    _log("The checkpoint's weight EMA is dropped (config.ema.decay = 0).")
+  return restored, meta
 
 
 def _preempted(local_flag: bool, step: int, every: int) -> bool:
