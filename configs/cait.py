@@ -58,8 +58,8 @@ VARIANTS = {v.upper(): v for v in ("xxs24", "xxs36", "xs24", "xs36", "s24", "s36
 # Table 3.16: uniform stochastic depth d_r (the LayerScale init is in the registered models).
 DROP_PATH = {"xxs24": 0.05, "xxs36": 0.1, "xs24": 0.05, "xs36": 0.1, "s24": 0.1, "s36": 0.2,
              "s48": 0.3, "m24": 0.2, "m36": 0.3, "m48": 0.4}
-RESNET_RUNLOCAL = ("resnet18", {"width": 8})   # configs/resnet.py:runlocal
-RESNET_FASHION_MNIST = ("resnet18", {})  # configs/resnet.py:fashion_mnist
+RESNET_RUNLOCAL = config_lib.RESNET_RUNLOCAL
+RESNET_FASHION_MNIST = config_lib.RESNET_FASHION_MNIST
 
 
 def train_pp(size: int) -> str:

@@ -81,8 +81,8 @@ DISTILLATION = ("none", "soft", "hard", "token")
 REGISTERED_384 = ("deit_base_patch16_384", "deit_base_distilled_patch16_384")
 
 # The teachers of the small-scale runs, exactly as configs/resnet.py builds them.
-RESNET_RUNLOCAL = ("resnet18", {"width": 8})
-RESNET_FASHION_MNIST = ("resnet18", {})  # configs/resnet.py:fashion_mnist
+RESNET_RUNLOCAL = config_lib.RESNET_RUNLOCAL
+RESNET_FASHION_MNIST = config_lib.RESNET_FASHION_MNIST
 
 
 def train_pp(size: int) -> str:
@@ -134,19 +134,8 @@ def get_config(arg=None):
   c.optimizer.weight_decay = 0.05
   c.optimizer.eps = 1e-8
   c.optimizer.clip_grad_norm = 0.0
-  c.schedule.name = "cosine"
-  c.schedule.warmup_epochs = 5.0
-  c.schedule.warmup_init_lr = 1e-6
-  c.schedule.min_lr = 1e-5
-  c.schedule.per_epoch = True  # timm scheduler stepped once per epoch
-
-  c.loss.name = "softmax_xent"
-  c.loss.label_smoothing = 0.1
-  c.mixup.mixup_alpha = 0.8
-  c.mixup.cutmix_alpha = 1.0
-  c.mixup.prob = 1.0
-  c.mixup.switch_prob = 0.5
-  c.ema.decay = 0.99996
+  # Per-epoch cosine after 5 warmup epochs, label smoothing 0.1, Mixup/CutMix, EMA 0.99996.
+  config_lib.use_deit_schedule_and_regularisation(c)
 
   if args.distillation != "none":
     c.distill.type = "soft" if args.distillation == "soft" else "hard"

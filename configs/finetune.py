@@ -55,7 +55,7 @@ RECIPES = ("auto", "deit", "cait", "deit3", "patchconvnet")
 DEIT3_SIZE_DROP_PATH = {"tiny": 0.0, "small": 0.0, "medium": 0.1, "base": 0.2, "large": 0.45,
                         "huge": 0.55}
 PCN_DROP_PATH = {"s60": 0.15, "s120": 0.2, "b60": 0.3, "b120": 0.4, "l60": 0.4, "l120": 0.5}
-RESNET_RUNLOCAL = ("resnet18", {"width": 8})   # configs/resnet.py:runlocal
+RESNET_RUNLOCAL = config_lib.RESNET_RUNLOCAL
 
 
 def _recipe_of(name: str) -> str:

@@ -123,19 +123,8 @@ def get_config(arg=None):
   c.optimizer.weight_decay = 0.01 if small else 0.05
   c.optimizer.eps = 1e-8
   c.optimizer.clip_grad_norm = 1.0
-  c.schedule.name = "cosine"
-  c.schedule.warmup_epochs = 5.0
-  c.schedule.warmup_init_lr = 1e-6
-  c.schedule.min_lr = 1e-5
-  c.schedule.per_epoch = True
-
-  c.loss.name = "softmax_xent"
-  c.loss.label_smoothing = 0.1
-  c.mixup.mixup_alpha = 0.8
-  c.mixup.cutmix_alpha = 1.0
-  c.mixup.prob = 1.0
-  c.mixup.switch_prob = 0.5
-  c.ema.decay = 0.0
+  config_lib.use_deit_schedule_and_regularisation(c)
+  c.ema.decay = 0.0  # the PatchConvNet runs do not keep a weight EMA
 
   if args.pretrain == "in21k" and not args.finetune:
     c.dataset.name = "imagenet21k"

@@ -51,8 +51,8 @@ VARIANTS = {  # name: (registered model, overrides, drop path)
     "B24": ("resmlp_big_24_224", {"patch_size": 16, "layerscale_init": 1e-5}, 0.2),
     "B24_8": ("resmlp_big_24_224", {}, 0.2),
 }
-RESNET_RUNLOCAL = ("resnet18", {"width": 8})   # configs/resnet.py:runlocal
-RESNET_FASHION_MNIST = ("resnet18", {})  # configs/resnet.py:fashion_mnist
+RESNET_RUNLOCAL = config_lib.RESNET_RUNLOCAL
+RESNET_FASHION_MNIST = config_lib.RESNET_FASHION_MNIST
 
 
 def train_pp(size: int) -> str:

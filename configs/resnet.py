@@ -37,9 +37,9 @@ from visrep_jax import config_lib
 
 VARIANTS = {"18": "resnet18", "34": "resnet34", "50": "resnet50", "101": "resnet101"}
 
-# Kept in sync with the teachers in configs/deit.py (RESNET_RUNLOCAL / RESNET_FASHION_MNIST).
-RUNLOCAL_OVERRIDES = {"width": 8}
-FASHION_MNIST_OVERRIDES = {}
+# The other recipes' distillation teachers are these runs (config_lib.RESNET_*).
+RUNLOCAL_OVERRIDES = config_lib.RESNET_RUNLOCAL[1]
+FASHION_MNIST_OVERRIDES = config_lib.RESNET_FASHION_MNIST[1]
 
 
 def train_pp(size: int) -> str:

@@ -80,8 +80,14 @@ def run_family(name: str, out_dir: str, extra: List[str]) -> Dict[str, object]:
   workdir = os.path.join(out_dir, name)
   os.makedirs(workdir, exist_ok=True)
   timing_path = os.path.join(workdir, "timing.json")
-  timing = json.load(open(timing_path)) if os.path.exists(timing_path) else {"wall_s": 0.0,
-                                                                             "cpu_s": 0.0}
+  timing = {"wall_s": 0.0, "cpu_s": 0.0}
+  if os.path.exists(timing_path):
+    try:
+      with open(timing_path) as f:
+        timing = {k: float(json.load(f)[k]) for k in timing}
+    except (ValueError, KeyError, TypeError):
+      print(f"[{name}] {timing_path} is unreadable; timing restarts from 0 (the run itself "
+            "resumes from its checkpoint).", flush=True)
   cmd = [sys.executable, "-m", "visrep_jax.main", f"--config={os.path.join(ROOT, config)}",
          f"--workdir={workdir}", *extra]
   print(f"[{name}] {' '.join(cmd)}", flush=True)

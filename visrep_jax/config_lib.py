@@ -327,6 +327,11 @@ def model_overrides(config) -> Dict[str, Any]:
 
 FASHION_MNIST_EVAL_PP = "decode(1)|normalize('fashion_mnist')"
 
+# (model name, overrides) of the ResNet that configs/resnet.py trains with `runlocal` and with
+# `fashion_mnist`: the teachers of the other recipes' distilled smoke runs / Fashion-MNIST runs.
+RESNET_RUNLOCAL = ("resnet18", {"width": 8})
+RESNET_FASHION_MNIST = ("resnet18", {})
+
 
 def use_fashion_mnist(c: ml_collections.ConfigDict, train_pp: str,
                       eval_pp: str = FASHION_MNIST_EVAL_PP) -> ml_collections.ConfigDict:
