@@ -84,7 +84,8 @@ def run_family(name: str, out_dir: str, extra: List[str]) -> Dict[str, object]:
   if os.path.exists(timing_path):
     try:
       with open(timing_path) as f:
-        timing = {k: float(json.load(f)[k]) for k in timing}
+        stored = json.load(f)
+      timing = {k: float(stored[k]) for k in timing}
     except (ValueError, KeyError, TypeError):
       print(f"[{name}] {timing_path} is unreadable; timing restarts from 0 (the run itself "
             "resumes from its checkpoint).", flush=True)

@@ -71,3 +71,9 @@ def test_smoke_run_writes_the_table(tmp_path):
   assert again[0]["step"] == 3 and again[0]["wall_s"] > r["wall_s"]
   timing = json.loads((out / "deit3" / "timing.json").read_text())
   assert timing["wall_s"] == pytest.approx(again[0]["wall_s"])
+  # An unreadable timing file is reported in one line and the run still resumes.
+  (out / "deit3" / "timing.json").write_text("{not json")
+  third = mod.main(["--families=deit3", f"--out={out}", "--smoke"])
+  assert third[0]["step"] == 3 and third[0]["wall_s"] < again[0]["wall_s"]
+  assert json.loads((out / "deit3" / "timing.json").read_text())["wall_s"] == pytest.approx(
+      third[0]["wall_s"])
