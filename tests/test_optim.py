@@ -329,3 +329,69 @@ def test_resume_when_the_ema_setting_changed(tmp_path):
                    {"params": params, "model_state": model_state})
     else:
       assert state.ema == {}
+
+
+def test_exponential_schedule_matches_tensorflow_exponential_decay():
+  """Meta-Dataset's learner decays with tf.compat.v1.train.exponential_decay(staircase=True)."""
+  tf = pytest.importorskip("tensorflow")
+  c = config_lib.base_config()
+  c.optimizer.lr = 1.21e-3
+  c.schedule.update(name="exponential", decay_rate=0.915, decay_steps=500, staircase=True,
+                    warmup_steps=0, min_lr=0.0)
+  fn = optim.make_schedule(c, total_steps=10_000, steps_per_epoch=100)
+  steps = [0, 1, 499, 500, 501, 999, 1000, 4321, 9999]
+  for staircase in (True, False):
+    c.schedule.staircase = staircase
+    fn = optim.make_schedule(c, total_steps=10_000, steps_per_epoch=100)
+    for s in steps:
+      ref = tf.compat.v1.train.exponential_decay(1.21e-3, s, 500, 0.915, staircase=staircase)
+      ref = ref() if callable(ref) else ref  # a callable in eager mode
+      np.testing.assert_allclose(float(fn(s)), float(ref), rtol=1e-5, err_msg=f"step {s}")
+  # A warmup delays the decay: it counts from the end of the warmup.
+  c.schedule.update(staircase=True, warmup_steps=100, warmup_init_lr=0.0)
+  fn = optim.make_schedule(c, total_steps=10_000, steps_per_epoch=100)
+  np.testing.assert_allclose(float(fn(50)), 1.21e-3 / 2, rtol=1e-5)
+  np.testing.assert_allclose(float(fn(599)), 1.21e-3, rtol=1e-5)
+  np.testing.assert_allclose(float(fn(600)), 1.21e-3 * 0.915, rtol=1e-5)
+
+
+def test_exponential_schedule_config_errors():
+  c = config_lib.base_config()
+  c.total_steps = 10
+  c.schedule.update(name="exponential", decay_steps=0)
+  with pytest.raises(config_lib.ConfigError, match="decay_steps must be a positive integer"):
+    config_lib.validate(c)
+  c.schedule.update(decay_steps=10, decay_rate=1.5)
+  with pytest.raises(config_lib.ConfigError, match="decay_rate must be in"):
+    config_lib.validate(c)
+
+
+def test_normalized_adam_normalises_the_regularised_gradient_then_applies_adam():
+  """Against a NumPy statement of the recipe: g = grad + wd * w (masked: no decay on 1-D),
+  g /= ||g|| over all parameters, then Adam (bias-corrected, eps outside the sqrt)."""
+  rng = np.random.default_rng(0)
+  params = {"w": rng.normal(size=(3, 4)).astype(np.float32),
+            "b": rng.normal(size=(4,)).astype(np.float32)}
+  mask = optim.weight_decay_mask(params)
+  lr, wd, b1, b2, eps = 1e-2, 0.1, 0.9, 0.999, 1e-8
+  tx = optim.normalized_adam(lr, wd, mask, b1=b1, b2=b2, eps=eps)
+  state = tx.init(params)
+  p = {k: v.copy() for k, v in params.items()}
+  m = {k: np.zeros_like(v) for k, v in p.items()}
+  v2 = {k: np.zeros_like(v) for k, v in p.items()}
+  jp = jax.tree.map(jnp.asarray, params)
+  # Gradients of very different scales per step: Adam alone is nearly scale-invariant per step,
+  # but its moments weigh the steps by their scale, so only the normalised version matches.
+  for t in range(1, 4):
+    grads = {k: rng.normal(size=v.shape).astype(np.float32) * (10.0 ** t) for k, v in p.items()}
+    g = {"w": grads["w"] + wd * p["w"], "b": grads["b"]}
+    norm = np.sqrt(sum((x.astype(np.float64) ** 2).sum() for x in g.values()))
+    for k in p:
+      gk = g[k] / norm
+      m[k] = b1 * m[k] + (1 - b1) * gk
+      v2[k] = b2 * v2[k] + (1 - b2) * gk ** 2
+      p[k] = p[k] - lr * (m[k] / (1 - b1 ** t)) / (np.sqrt(v2[k] / (1 - b2 ** t)) + eps)
+    upd, state = tx.update(jax.tree.map(jnp.asarray, grads), state, jp)
+    jp = optax.apply_updates(jp, upd)
+    for k in p:
+      np.testing.assert_allclose(np.asarray(jp[k]), p[k], rtol=1e-5, atol=1e-6)

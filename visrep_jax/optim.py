@@ -1,4 +1,5 @@
-"""Optimizer factory (optax): AdamW, LAMB, SGD; warmup + cosine schedules (per step, or per
+"""Optimizer factory (optax): AdamW, LAMB, SGD, normalised-gradient Adam; warmup + cosine or
+exponential schedules (per step, or per
 epoch as the deit repo steps timm's scheduler); weight-decay masks; per-parameter learning-rate
 multipliers (layer-wise decay, regex groups); gradient clipping. Everything is selected by name
 from ``config.optimizer``/``config.schedule``."""
@@ -57,6 +58,25 @@ def constant(lr: float, total_steps: int, warmup_steps: int = 0, warmup_init_lr:
       [warmup_steps])
 
 
+@SCHEDULES.register("exponential")
+def exponential(lr: float, total_steps: int, warmup_steps: int = 0, warmup_init_lr: float = 0.0,
+                min_lr: float = 0.0, decay_rate: float = 0.915, decay_steps: int = 500,
+                staircase: bool = True):
+  """``lr * decay_rate ** (step / decay_steps)`` after an optional linear warmup (the decay counts
+  from the end of the warmup), floored at ``min_lr``; ``staircase`` floors the exponent, as
+  ``tf.compat.v1.train.exponential_decay(staircase=True)`` in Meta-Dataset's learner (the
+  CrossTransformers recipe: x0.915 every 500 / 1000 / 2000 episodes)."""
+  del total_steps
+  if decay_steps <= 0:
+    raise ValueError(f"exponential schedule: decay_steps must be > 0, got {decay_steps}")
+  decay = optax.exponential_decay(lr, transition_steps=decay_steps, decay_rate=decay_rate,
+                                  staircase=staircase, end_value=min_lr if min_lr > 0 else None)
+  if warmup_steps <= 0:
+    return decay
+  return optax.join_schedules(
+      [optax.linear_schedule(warmup_init_lr, lr, warmup_steps), decay], [warmup_steps])
+
+
 @EPOCH_SCHEDULES.register("cosine")
 def cosine_epochs(lr: float, epochs: float, warmup_epochs: float = 0.0,
                   warmup_init_lr: float = 0.0, min_lr: float = 0.0):
@@ -113,9 +133,11 @@ def make_schedule(config, total_steps: int, steps_per_epoch: int) -> Callable[[A
   if steps_per_epoch <= 0:
     raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
   if not s.get("per_epoch", False):
+    extra = ({k: s.get(k) for k in ("decay_rate", "decay_steps", "staircase") if k in s}
+             if s.name == "exponential" else {})
     return SCHEDULES.get(s.name)(lr=config.optimizer.lr, total_steps=total_steps,
                                  warmup_steps=resolve_warmup_steps(config, steps_per_epoch),
-                                 warmup_init_lr=s.warmup_init_lr, min_lr=s.min_lr)
+                                 warmup_init_lr=s.warmup_init_lr, min_lr=s.min_lr, **extra)
   epochs = total_steps / steps_per_epoch
   warmup_epochs = (s.warmup_steps / steps_per_epoch if s.warmup_steps
                    else float(s.get("warmup_epochs", 0.0)))
@@ -234,6 +256,26 @@ def lamb(lr, weight_decay, mask, b1=0.9, b2=0.999, eps=1e-6, **unused):
 def sgd(lr, weight_decay, mask, momentum=0.9, nesterov=False, **unused):
   return optax.chain(optax.add_decayed_weights(weight_decay, mask),
                      optax.sgd(lr, momentum=momentum or None, nesterov=nesterov))
+
+
+def normalize_by_global_norm(eps: float = 1e-12) -> optax.GradientTransformation:
+  """``g / max(||g||_2, eps)`` with the L2 norm over all parameters: normalised (stochastic)
+  gradient descent, every step has a unit-norm gradient."""
+  def update(updates, state, params=None):
+    del params
+    norm = optax.global_norm(updates)
+    scale = 1.0 / jnp.maximum(norm, eps)
+    return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+@OPTIMIZERS.register("normalized_adam")
+def normalized_adam(lr, weight_decay, mask, b1=0.9, b2=0.999, eps=1e-8, **unused):
+  """CrossTransformers' optimizer (L361-363, L657): the gradient of loss + L2 penalty
+  (``weight_decay * w`` added to the gradient, as Meta-Dataset's ``l2_regularizer`` loss term:
+  coupled, not AdamW's decoupled decay), normalised to unit global L2 norm, then Adam."""
+  return optax.chain(optax.add_decayed_weights(weight_decay, mask), normalize_by_global_norm(),
+                     optax.adam(lr, b1=b1, b2=b2, eps=eps))
 
 
 _NOT_OPTIMIZER_KWARGS = ("name", "lr", "weight_decay", "clip_grad_norm", "no_decay",
