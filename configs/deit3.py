@@ -234,6 +234,22 @@ def get_config(arg=None):
     c.log_every_steps = 100
     c.eval_every_steps = 2000
     c.checkpoint_every_steps = 2000
+  if args.fashion_mnist and not args.demo:
+    # The issue-4 target run (>= 0.92 within 60 CPU-minutes): the demo's block at patch 4 (49
+    # tokens instead of 16: Fashion-MNIST's classes differ in fine detail), simple random crop
+    # (pad 2) + flip, batch 128, 11 epochs.
+    c.model.name = "deit3_fmnist_patch4_28"
+    c.model.drop_path_rate = 0.05
+    config_lib.use_fashion_mnist(
+        c, "decode(1)|random_crop(28, pad=2, pad_mode='constant')|flip_lr|"
+        "normalize('fashion_mnist')")
+    c.batch_size = 128
+    c.total_epochs = 11.0
+    c.optimizer.lr = 2e-3
+    c.schedule.warmup_epochs = 0.5
+    c.eval_every_steps = 938
+    c.checkpoint_every_steps = 938
+    c.progress_bar = False
 
   c.eval_only = args.eval_only
   c.init_checkpoint = args.init

@@ -101,17 +101,17 @@ def get_config(arg=None):
     config_lib.use_fashion_mnist(
         c, "decode(1)|random_crop(28, pad=2, pad_mode='constant')|flip_lr|"
         "normalize('fashion_mnist')")
-    c.batch_size = 128
-    c.optimizer.lr = 0.1
+    c.batch_size = 256
+    c.optimizer.lr = 0.2
     c.optimizer.weight_decay = 5e-4
     c.schedule.per_epoch = False
     c.schedule.warmup_epochs = 0.5
     c.schedule.warmup_init_lr = 0.0
     c.schedule.min_lr = 0.0
     c.loss.label_smoothing = 0.1
-    c.total_epochs = float(args.epochs or 15)
+    c.total_epochs = float(args.epochs or 10)
     c.log_every_steps = 100
-    c.eval_every_steps = 1404
+    c.eval_every_steps = 470
     c.checkpoint_every_steps = 1000
     c.progress_bar = False
 

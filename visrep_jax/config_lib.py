@@ -110,6 +110,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.schedule.warmup_init_lr = 1e-6
   c.schedule.min_lr = 1e-5
   c.schedule.per_epoch = False     # True: LR constant within an epoch (the deit repo's stepping)
+  c.schedule.decay_rate = 0.915    # exponential only: lr * decay_rate ** (step / decay_steps)
+  c.schedule.decay_steps = 500     # exponential only (CrossTransformers: 500/1000/2000 episodes)
+  c.schedule.staircase = True      # exponential only: decay in steps every decay_steps
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "softmax_xent"
@@ -263,6 +266,11 @@ def _validate_lr_options(config):
     except re.error as e:
       raise ConfigError(f"config.optimizer.lr_multipliers: {item[0]!r} is not a valid regular "
                         f"expression ({e}).") from None
+  if s.name == "exponential":
+    _check(isinstance(s.decay_steps, int) and s.decay_steps > 0,
+           f"config.schedule.decay_steps must be a positive integer, got {s.decay_steps!r}.")
+    _check(isinstance(s.decay_rate, (int, float)) and 0.0 < s.decay_rate <= 1.0,
+           f"config.schedule.decay_rate must be in (0, 1], got {s.decay_rate!r}.")
   _check(isinstance(s.per_epoch, bool), f"config.schedule.per_epoch must be True or False, got "
          f"{s.per_epoch!r}.")
   if s.per_epoch:
@@ -330,7 +338,7 @@ FASHION_MNIST_EVAL_PP = "decode(1)|normalize('fashion_mnist')"
 # (model name, overrides) of the ResNet that configs/resnet.py trains with `runlocal` and with
 # `fashion_mnist`: the teachers of the other recipes' distilled smoke runs / Fashion-MNIST runs.
 RESNET_RUNLOCAL = ("resnet18", {"width": 8})
-RESNET_FASHION_MNIST = ("resnet18", {})
+RESNET_FASHION_MNIST = ("resnet18", {"stem_pool": False})
 
 
 def use_fashion_mnist(c: ml_collections.ConfigDict, train_pp: str,
