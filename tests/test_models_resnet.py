@@ -336,3 +336,35 @@ def test_conv_as_matmul_equals_xla_conv(shape, k, stride, pad, dilation):
   g_ours = jax.grad(lambda x, w: jnp.sum(ours(x, w) ** 2), argnums=(0, 1))(x, w)
   for a, b in zip(g_ours, g_ref):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_bn_mask_keeps_padding_out_of_batch_statistics(name):
+  """Training-mode BN with ``bn_mask``: the masked-in rows get exactly the outputs and running
+  statistics of a batch made of them alone, whatever the padded rows hold (episodic padding),
+  and the padded rows are normalised with the same statistics."""
+  from visrep_jax import models
+  m = models.create(name, num_classes=5, width=8, img_size=32)
+  rng = np.random.default_rng(0)
+  real = jnp.asarray(rng.normal(size=(5, 32, 32, 3)), jnp.float32)
+  junk = jnp.asarray(rng.normal(size=(3, 32, 32, 3)) * 100.0 + 7.0, jnp.float32)
+  v = m.init(jax.random.PRNGKey(0), real, train=False)
+  ref, ref_state = m.apply(v, real, train=True, mutable=["batch_stats"])
+  mask = jnp.array([1, 0, 1, 1, 0, 1, 0, 1], bool)
+  order = [0, 5, 1, 2, 6, 3, 7, 4]  # real rows at the mask's True positions
+  batch = jnp.concatenate([real, junk])[jnp.array(order)]
+  out, state = m.apply(v, batch, train=True, bn_mask=mask, mutable=["batch_stats"])
+  np.testing.assert_allclose(np.asarray(out[0])[np.asarray(mask)], np.asarray(ref[0]),
+                             rtol=1e-4, atol=1e-4)
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  # Without the mask the junk rows move the statistics (the test can tell them apart).
+  out_nomask, _ = m.apply(v, batch, train=True, mutable=["batch_stats"])
+  assert not np.allclose(np.asarray(out_nomask[0])[np.asarray(mask)], np.asarray(ref[0]),
+                         atol=1e-2)
+  # Support-set statistics: stats from the first rows only, applied to every row.
+  sup = jnp.array([1, 1, 1, 0, 0], bool)
+  ref_sup, _ = m.apply(v, real[:3], train=True, mutable=["batch_stats"])
+  out_sup, _ = m.apply(v, real, train=True, bn_mask=sup, mutable=["batch_stats"])
+  np.testing.assert_allclose(np.asarray(out_sup[0])[:3], np.asarray(ref_sup[0]), rtol=1e-4,
+                             atol=1e-4)

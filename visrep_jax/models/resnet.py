@@ -104,6 +104,11 @@ class BatchNorm(nn.Module):
   ``torch.nn.BatchNorm2d`` (and Keras' fused BN) do; ``momentum`` is the flax convention
   (running = momentum * running + (1 - momentum) * batch), i.e. torch momentum 0.1 == 0.9 here.
   Statistics are computed in float32 whatever the compute dtype.
+
+  ``mask`` (B,) bool/float, training only: the batch statistics (and the running-statistics
+  update) use the masked-in examples only, while every example is normalised with them. Episodic
+  few-shot training uses it to keep padding out of the statistics, and to normalise an episode
+  with the statistics of its support set alone (CrossTransformers' non-EMA ablation).
   """
   num_features: int
   momentum: float = 0.9
@@ -114,7 +119,7 @@ class BatchNorm(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool):
+  def __call__(self, x, train: bool, mask=None):
     f = (self.num_features,)
     scale = self.param("scale", self.scale_init, f, jnp.float32) if self.use_scale else None
     bias = self.param("bias", nn.initializers.zeros, f, jnp.float32) if self.use_bias else None
@@ -123,17 +128,23 @@ class BatchNorm(nn.Module):
     if train:
       axes = tuple(range(x.ndim - 1))
       x32 = x.astype(jnp.float32)
-      mean = jnp.mean(x32, axes)
-      # One pass over x (E[x^2] - E[x]^2, as flax's default): both sums fuse into one reduction.
-      var = jnp.maximum(jnp.mean(x32 * x32, axes) - mean * mean, 0.0)
+      if mask is None:
+        mean = jnp.mean(x32, axes)
+        # One pass over x (E[x^2] - E[x]^2, as flax's default): both sums fuse into one reduction.
+        var = jnp.maximum(jnp.mean(x32 * x32, axes) - mean * mean, 0.0)
+        n = x.size // x.shape[-1]
+      else:
+        w = jnp.asarray(mask, jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
+        n = jnp.maximum(jnp.sum(w) * (x.size // (x.shape[0] * x.shape[-1])), 1.0)
+        mean = jnp.sum(x32 * w, axes) / n
+        var = jnp.maximum(jnp.sum(x32 * x32 * w, axes) / n - mean * mean, 0.0)
       if not self.is_initializing():
         if not self.is_mutable_collection("batch_stats"):
           raise ValueError("train=True updates the BatchNorm running statistics: call "
                            "model.apply(variables, x, train=True, mutable=['batch_stats']) and "
                            "keep the returned batch_stats")
-        n = x.size // x.shape[-1]
         m = self.momentum
-        unbiased = var * (n / max(n - 1, 1))
+        unbiased = var * (n / jnp.maximum(n - 1, 1))
         ra_mean.value = m * ra_mean.value + (1.0 - m) * jax.lax.stop_gradient(mean)
         ra_var.value = m * ra_var.value + (1.0 - m) * jax.lax.stop_gradient(unbiased)
     else:
@@ -150,8 +161,8 @@ class BatchNorm(nn.Module):
     return (x * mul.astype(x.dtype) + add.astype(x.dtype)).astype(self.dtype)
 
 
-def conv_bn(x, conv: Conv2d, bn: BatchNorm, train: bool):
-  return bn(conv(x), train)
+def conv_bn(x, conv: Conv2d, bn: BatchNorm, train: bool, mask=None):
+  return bn(conv(x), train, mask)
 
 
 class BasicBlock(nn.Module):
@@ -168,16 +179,17 @@ class BasicBlock(nn.Module):
   expansion = 1
 
   @nn.compact
-  def __call__(self, x, train: bool):
+  def __call__(self, x, train: bool, mask=None):
     p, d0, d = self.planes, self.first_dilation, self.dilation
     bn = functools.partial(BatchNorm, dtype=self.dtype)
     conv = functools.partial(Conv2d, dtype=self.dtype)
-    y = conv_bn(x, conv(p, 3, self.stride, d0, d0, name="conv1"), bn(p, name="bn1"), train)
+    y = conv_bn(x, conv(p, 3, self.stride, d0, d0, name="conv1"), bn(p, name="bn1"), train,
+                mask)
     y = nn.relu(y)
     last_init = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
     y = conv_bn(y, conv(p, 3, 1, d, d, name="conv2"), bn(p, scale_init=last_init, name="bn2"),
-                train)
-    return _residual(self, x, y, p, train)
+                train, mask)
+    return _residual(self, x, y, p, train, mask)
 
 
 class Bottleneck(nn.Module):
@@ -193,24 +205,26 @@ class Bottleneck(nn.Module):
   expansion = 4
 
   @nn.compact
-  def __call__(self, x, train: bool):
+  def __call__(self, x, train: bool, mask=None):
     p, d0 = self.planes, self.first_dilation
     out = p * self.expansion
     bn = functools.partial(BatchNorm, dtype=self.dtype)
     conv = functools.partial(Conv2d, dtype=self.dtype)
-    y = nn.relu(conv_bn(x, conv(p, 1, name="conv1"), bn(p, name="bn1"), train))
+    y = nn.relu(conv_bn(x, conv(p, 1, name="conv1"), bn(p, name="bn1"), train, mask))
     y = nn.relu(conv_bn(y, conv(p, 3, self.stride, d0, d0, name="conv2"), bn(p, name="bn2"),
-                        train))
+                        train, mask))
     last_init = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
-    y = conv_bn(y, conv(out, 1, name="conv3"), bn(out, scale_init=last_init, name="bn3"), train)
-    return _residual(self, x, y, out, train)
+    y = conv_bn(y, conv(out, 1, name="conv3"), bn(out, scale_init=last_init, name="bn3"), train,
+                mask)
+    return _residual(self, x, y, out, train, mask)
 
 
-def _residual(block, x, y, out_features, train):
+def _residual(block, x, y, out_features, train, mask=None):
   if block.downsample:  # torchvision: Sequential(conv1x1(stride), BN)
     shortcut = conv_bn(x, Conv2d(out_features, 1, block.stride, dtype=block.dtype,
                                  name="downsample_0"),
-                       BatchNorm(out_features, dtype=block.dtype, name="downsample_1"), train)
+                       BatchNorm(out_features, dtype=block.dtype, name="downsample_1"), train,
+                       mask)
   else:
     shortcut = x.astype(block.dtype)
   y = layers.DropPath(block.drop_path)(y, deterministic=not train)
@@ -239,7 +253,9 @@ class ResNet(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, images, train: bool = False):
+  def __call__(self, images, train: bool = False, bn_mask=None):
+    """``bn_mask`` (B,): training-mode BatchNorm statistics from these examples only (see
+    :class:`BatchNorm`); None: the whole batch."""
     if images.ndim != 4:
       raise ValueError(f"expected NHWC images, got shape {images.shape}")
     if self.block not in ("basic", "bottleneck"):
@@ -258,7 +274,7 @@ class ResNet(nn.Module):
                        f"{self.stem_kernel}, {self.stem_stride}")
     x = conv_bn(x, Conv2d(self.width, self.stem_kernel, self.stem_stride, self.stem_kernel // 2,
                           dtype=self.dtype, name="conv1"),
-                BatchNorm(self.width, dtype=self.dtype, name="bn1"), train)
+                BatchNorm(self.width, dtype=self.dtype, name="bn1"), train, bn_mask)
     x = nn.relu(x)
     if self.stem_pool:
       x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
@@ -283,7 +299,7 @@ class ResNet(nn.Module):
         x = block_cls(planes=planes, stride=stride if first else 1, dilation=dilation,
                       first_dilation=prev_dilation if first else dilation,
                       downsample=needs_proj, drop_path=dp, zero_init_last=self.zero_init_last,
-                      dtype=self.dtype, name=f"layer{s + 1}_{b}")(x, train)
+                      dtype=self.dtype, name=f"layer{s + 1}_{b}")(x, train, bn_mask)
         in_features = planes * expansion
         idx += 1
       stages.append(x)
