@@ -30,7 +30,10 @@ as the "ResNet18 0.949" entry of the dataset's benchmark), SGD momentum 0.9, lr 
 wd 5e-4, half an epoch of warmup then cosine to 0 (per step), label smoothing 0.1, random crop
 (zero-pad 2) + flip, 15 epochs. Measured: test top-1 0.9255 after 15 epochs (0.8697 / 0.8927 /
 0.8922 / 0.9140 at epochs 3 / 6 / 9 / 12), 54.7 CPU-minutes (2-core CPU; 77 min wall while other
-jobs shared the cores). The 0.94 of the issue's target needs a longer schedule: not yet shown.
+jobs shared the cores). Keeping layer1 at 14x14 instead (model option ``stem_pool=False``,
+batch 256, lr 0.2, 10 epochs) reached 0.9281 (0.8623 / 0.8828 / 0.8948 / 0.9174 at epochs
+2 / 4 / 6 / 8) for twice the compute (113 CPU-minutes), so the cheaper recipe stays the default.
+The issue's 0.94 within 60 CPU-minutes is not reached by either.
 """
 
 from visrep_jax import config_lib
@@ -101,17 +104,17 @@ def get_config(arg=None):
     config_lib.use_fashion_mnist(
         c, "decode(1)|random_crop(28, pad=2, pad_mode='constant')|flip_lr|"
         "normalize('fashion_mnist')")
-    c.batch_size = 256
-    c.optimizer.lr = 0.2
+    c.batch_size = 128
+    c.optimizer.lr = 0.1
     c.optimizer.weight_decay = 5e-4
     c.schedule.per_epoch = False
     c.schedule.warmup_epochs = 0.5
     c.schedule.warmup_init_lr = 0.0
     c.schedule.min_lr = 0.0
     c.loss.label_smoothing = 0.1
-    c.total_epochs = float(args.epochs or 10)
+    c.total_epochs = float(args.epochs or 15)
     c.log_every_steps = 100
-    c.eval_every_steps = 470
+    c.eval_every_steps = 1404
     c.checkpoint_every_steps = 1000
     c.progress_bar = False
 

@@ -11,7 +11,7 @@ from typing import Any, Dict, Iterable, Optional
 
 import ml_collections
 
-TRAINERS = ("supervised",)
+TRAINERS = ("supervised", "episodic")
 DTYPES = ("float32", "bfloat16", "float16")
 SHARDING_RULES = ("replicate", "fsdp")
 
@@ -139,6 +139,46 @@ def base_config() -> ml_collections.ConfigDict:
   c.ema = ml_collections.ConfigDict()
   c.ema.decay = 0.0                # 0: off; DeiT uses 0.99996
 
+  # Episodic few-shot training (trainer='episodic'): Meta-Dataset sources converted to its
+  # record format, one sub-directory per source under data_dir. Defaults: the official
+  # variable-way variable-shot episodes (visrep_jax.data.episodes.EpisodeDescriptionConfig).
+  c.episodes = ml_collections.ConfigDict()
+  c.episodes.data_dir = ""
+  c.episodes.train_sources = ["ilsvrc_2012"]
+  c.episodes.valid_sources = ["ilsvrc_2012"]
+  c.episodes.test_sources = ["ilsvrc_2012", "omniglot", "aircraft", "cu_birds", "dtd",
+                             "quickdraw", "fungi", "vgg_flower", "traffic_sign", "mscoco"]
+  c.episodes.image_size = 224
+  c.episodes.channels = 3
+  c.episodes.num_ways = 0          # 0: variable (5-50); else fixed ways
+  c.episodes.num_support = 0       # 0: variable; else shots per class
+  c.episodes.num_query = 0         # 0: variable (<= max_num_query per class); else per class
+  c.episodes.min_ways = 5
+  c.episodes.max_ways_upper_bound = 50
+  c.episodes.max_num_query = 10
+  c.episodes.max_support_set_size = 500
+  c.episodes.max_support_size_contrib_per_class = 100
+  c.episodes.min_log_weight = -0.69314718055994529  # log(0.5)
+  c.episodes.max_log_weight = 0.69314718055994529   # log(2)
+  c.episodes.min_examples_in_class = 0
+  c.episodes.ignore_hierarchy_probability = 0.0  # CrossTransformers: 0.5 (half uniform classes)
+  c.episodes.augment = "none"      # visrep_jax.data.episode_augment.parse spec
+  c.episodes.num_valid_episodes = 100
+  c.episodes.num_test_episodes = 600
+  c.episodes.eval_seed = 1234
+  c.episodes.test_best = True      # test the best validation checkpoint (else the last)
+  c.episodes.cache_gb = 4.0        # decoded images kept in memory per source
+  c.episodes.prepare_mini = False  # build the mini benchmark (data.md_mini) in data_dir if missing
+  c.episodes.mini_max_images_per_class = 0  # its cap (0: all images)
+
+  c.fewshot = ml_collections.ConfigDict()
+  c.fewshot.head = "protonet"      # protonet | ctx
+  c.fewshot.key_dim = 128
+  c.fewshot.value_dim = 128
+  c.fewshot.remat = True           # ctx: recompute the attention in the backward pass
+  c.fewshot.query_chunk_size = 0   # ctx: queries per attention chunk (0: all at once)
+  c.fewshot.bn_test_mode = "ema"   # ema (running statistics) | support (support-set statistics)
+
   c.mesh = (("data", -1), ("fsdp", 1))  # (axis, size); -1 fills the remaining devices
   c.sharding = "replicate"         # parameter/optimizer-state rule: replicate | fsdp
   return c
@@ -166,14 +206,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
   _check(not missing, f"config is missing keys {missing}; start from config_lib.base_config().")
   unknown = sorted(set(config.keys()) - set(base.keys()))
   _check(not unknown, f"Unknown top-level config keys {unknown}. Valid: {', '.join(sorted(base.keys()))}.")
-  for sect in ("dataset", "optimizer", "schedule", "loss", "mixup", "distill", "ema"):
+  for sect in ("dataset", "optimizer", "schedule", "loss", "mixup", "distill", "ema", "episodes",
+               "fewshot"):
     bad = sorted(set(config[sect].keys()) - set(base[sect].keys()))
     _check(not bad, f"Unknown keys {bad} in config.{sect}. Valid: {', '.join(sorted(base[sect].keys()))}.")
   _choice(config.trainer, TRAINERS, "trainer")
   _check(isinstance(config.batch_size, int) and config.batch_size > 0,
          f"config.batch_size must be a positive integer, got {config.batch_size!r}.")
   _check(config.eval_batch_size >= 0, "config.eval_batch_size must be >= 0 (0: batch_size).")
-  if num_devices:
+  if num_devices and config.trainer != "episodic":  # episodic: one episode per step
     for key in ("batch_size", "eval_batch_size"):
       b = config[key]
       _check(b == 0 or b % num_devices == 0,
@@ -239,6 +280,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
     _check(0.0 <= config.mixup[k] <= 1.0, f"config.mixup.{k} must be in [0, 1].")
   _validate_lr_options(config)
   _validate_distill(config)
+  if config.trainer == "episodic":
+    _validate_episodic(config)
   decay = config.ema.decay
   _check(isinstance(decay, (int, float)) and 0.0 <= decay < 1.0,
          f"config.ema.decay must be in [0, 1) (0: off; DeiT: 0.99996), got {decay!r}.")
@@ -277,6 +320,36 @@ def _validate_lr_options(config):
     _check(s.name in optim.EPOCH_SCHEDULES.names(),
            f"config.schedule.per_epoch=True is not available for config.schedule.name="
            f"{s.name!r}; choose one of: {', '.join(optim.EPOCH_SCHEDULES.names())}.")
+
+
+def _validate_episodic(config):
+  e, f = config.episodes, config.fewshot
+  _choice(f.head, ("protonet", "ctx"), "fewshot.head")
+  _choice(f.bn_test_mode, ("ema", "support"), "fewshot.bn_test_mode")
+  _check(bool(e.data_dir), "config.episodes.data_dir is empty: point it at the converted "
+         "Meta-Dataset sources (python -m visrep_jax.data.md_convert; the mini benchmark: "
+         "python -m visrep_jax.data.md_mini --out=DIR).")
+  _check(config.total_steps > 0, "The episodic trainer counts episodes: set config.total_steps "
+         "(episodes), not total_epochs.")
+  for key in ("train_sources", "test_sources"):
+    _check(len(e[key]) > 0 and all(isinstance(n, str) and n for n in e[key]),
+           f"config.episodes.{key} must list at least one source directory name.")
+  for key in ("image_size", "num_test_episodes", "min_ways", "max_ways_upper_bound",
+              "max_num_query", "max_support_set_size"):
+    _check(isinstance(e[key], int) and e[key] > 0,
+           f"config.episodes.{key} must be a positive integer, got {e[key]!r}.")
+  for key in ("num_ways", "num_support", "num_query", "num_valid_episodes"):
+    _check(isinstance(e[key], int) and e[key] >= 0,
+           f"config.episodes.{key} must be an integer >= 0 (0: variable / off), got {e[key]!r}.")
+  _check(e.channels in (1, 3), f"config.episodes.channels must be 1 or 3, got {e.channels!r}.")
+  _check(0.0 <= e.ignore_hierarchy_probability <= 1.0,
+         "config.episodes.ignore_hierarchy_probability must be in [0, 1].")
+  from visrep_jax.data import episode_augment
+  try:
+    episode_augment.parse(e.augment)
+  except (ValueError, KeyError) as err:
+    raise ConfigError(f"config.episodes.augment: {err}") from None
+  _check(f.query_chunk_size >= 0, "config.fewshot.query_chunk_size must be >= 0 (0: off).")
 
 
 def _validate_distill(config):
@@ -338,7 +411,7 @@ FASHION_MNIST_EVAL_PP = "decode(1)|normalize('fashion_mnist')"
 # (model name, overrides) of the ResNet that configs/resnet.py trains with `runlocal` and with
 # `fashion_mnist`: the teachers of the other recipes' distilled smoke runs / Fashion-MNIST runs.
 RESNET_RUNLOCAL = ("resnet18", {"width": 8})
-RESNET_FASHION_MNIST = ("resnet18", {"stem_pool": False})
+RESNET_FASHION_MNIST = ("resnet18", {})
 
 
 def use_fashion_mnist(c: ml_collections.ConfigDict, train_pp: str,

@@ -8,6 +8,7 @@ from visrep_jax.registry import Registry
 
 TRAINERS = Registry("trainer")
 TRAINERS.add("supervised", lambda: importlib.import_module("visrep_jax.trainers.supervised"))
+TRAINERS.add("episodic", lambda: importlib.import_module("visrep_jax.trainers.episodic"))
 
 
 def get(name: str):

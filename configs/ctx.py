@@ -1,0 +1,152 @@
+r"""CrossTransformers (Doersch, Gupta, Zisserman, NeurIPS 2020) on Meta-Dataset, Train-on-ILSVRC.
+
+  # Convert the sources once (one sub-directory per source under DATA; see visrep_jax.data.md_convert),
+  # pre-train the backbone on the 712 ILSVRC train classes, then train episodically:
+  python -m visrep_jax.main --config=configs/ctx.py:variant=ctx_simclr_aug,data=DATA,init=PRETRAINED \
+      --workdir=/tmp/ctx_simclr_aug
+  # Evaluate a trained workdir again (600 test episodes per source, mean +- 95% CI):
+  python -m visrep_jax.main --config=configs/ctx.py:variant=ctx,data=DATA,eval_only --workdir=/tmp/ctx
+  # The whole pipeline on the offline mini benchmark (Fashion-MNIST classes + sklearn digits):
+  python -m visrep_jax.main --config=configs/ctx.py:variant=ctx,mini --workdir=/tmp/ctx_mini
+
+Arguments:
+  variant=protonet|ctx|ctx_simclr|ctx_simclr_aug   (default ctx_simclr_aug)
+  data=DIR        converted Meta-Dataset sources (default: $META_DATASET_DIR).
+  init=DIR        supervised pre-trained backbone (workdir or converted checkpoint).
+  eval_only       only the test episodes of the workdir's checkpoint (or init).
+  bn=ema|support  BatchNorm statistics at test time (paper default ema).
+  mini            the offline mini benchmark (built on first use under workdirs/md_mini).
+  runlocal        a few episodes of the mini benchmark with a tiny model (CPU smoke test).
+
+Recipe (spec crosstransformers.md §4, L340-366, L634-669): ResNet-34 at 224x224, the last stage
+stride 1 and dilated (14x14x512 feature map; protonet keeps the stride-32 network, L368), BN
+running statistics with decay 0.9 per episode used at test time; Adam on the unit-norm gradient of
+loss + L2 (normalised SGD, L361-363, L657), lr 1.21e-3, weight decay 8.86e-5, x0.915 every 500
+episodes (ProtoNets, CTX), 1000 (+SimCLR episodes), 2000 (+SimCLR episodes + BOHB augmentation)
+(L651-654); Meta-Dataset's variable-way variable-shot episodes from ILSVRC's 712 train classes, half
+of them with classes from the ImageNet DAG and half uniform (L349-353); model selection on the 158
+validation classes; 600 test episodes per source. Training length is not stated ("until
+convergence"); the default is 100k episodes with validation every 2.5k. Hardware in the paper:
+8 V100s, ~3 days for the full model (L667-669).
+
+Expected accuracy (Table 4, %, 600 episodes; visrep_jax/results/tables/ctx_table4.json):
+  variant      ILSVRC  Omniglot  Aircraft  Birds  Textures  QuickDraw  Fungi  Flowers  Signs  COCO
+  protonet     51.66   57.22     51.63     71.73  69.72     47.31      42.07  87.29    47.45  44.38
+  ctx          61.53   73.34     72.32     80.83  72.25     55.61      49.54  93.16    66.02  51.22
+  ctx_simclr   61.54   81.88     81.53     80.30  75.64     59.91      49.76  94.19    77.00  53.48
+  ctx_simclr_aug 61.42 82.75     81.84     77.98  74.77     64.80      49.95  95.28    84.80  57.87
+"""
+
+import os
+
+from visrep_jax import config_lib
+
+VARIANTS = {
+    # head, dilated last stage, episode augmentation, LR decay interval (episodes)
+    "protonet": ("protonet", False, "none", 500),
+    "ctx": ("ctx", True, "none", 500),
+    "ctx_simclr": ("ctx", True, "simclr_episodes(prob=0.5)", 1000),
+    "ctx_simclr_aug": ("ctx", True, "simclr_episodes(prob=0.5, md_augment='bohb')", 2000),
+}
+MINI_DIR = os.path.join("workdirs", "md_mini")
+
+
+def use_mini_benchmark(c, data_dir: str, max_images_per_class=None):
+  """Points the episodes at the mini benchmark (visrep_jax.data.md_mini): train on 6 Fashion-MNIST
+  classes, validate on 2, test on the other 2 and on sklearn's digits (unseen domain). With 2-10
+  classes per split the episodes have 2-10 ways."""
+  e = c.episodes
+  e.data_dir = data_dir
+  e.prepare_mini = True
+  e.mini_max_images_per_class = max_images_per_class or 0
+  e.train_sources = ["fashion_mnist"]
+  e.valid_sources = ["fashion_mnist"]
+  e.test_sources = ["fashion_mnist", "digits"]
+  e.image_size = 28
+  e.channels = 1
+  e.min_ways = 2
+  e.max_ways_upper_bound = 10
+  e.max_num_query = 10
+  e.max_support_set_size = 100
+  e.max_support_size_contrib_per_class = 20
+  e.ignore_hierarchy_probability = 0.0
+  # A ResNet-18 for 28x28 inputs: 3x3 stem without pooling, stride 2 in layers 2 and 3, the last
+  # stage dilated, so the heads see a 7x7 map (CTX) / its average (ProtoNets).
+  c.model.name = "resnet18"
+  c.model.width = 32
+  c.model.stem_kernel = 3
+  c.model.stem_stride = 1
+  c.model.stem_pool = False
+  c.model.replace_stride_with_dilation = (False, False, True)
+  return c
+
+
+def get_config(arg=None):
+  args = config_lib.parse_arg(arg, variant="ctx_simclr_aug", data="", init="", eval_only=False,
+                              bn="ema", mini=False, runlocal=False, episodes=0)
+  if args.variant not in VARIANTS:
+    raise config_lib.ConfigError(
+        f"variant={args.variant!r} is not valid; choose one of {', '.join(VARIANTS)}.")
+  head, dilated, augment, decay_every = VARIANTS[args.variant]
+  c = config_lib.base_config()
+  c.trainer = "episodic"
+  c.seed = 0
+  c.batch_size = 1  # one episode per step; unused by the episodic trainer
+  c.total_steps = args.episodes or 100_000
+  c.log_every_steps = 100
+  c.eval_every_steps = 2500
+  c.checkpoint_every_steps = 2500
+  c.model.name = "resnet34"
+  c.model.drop_path_rate = 0.0
+  c.model.replace_stride_with_dilation = (False, False, dilated)
+
+  c.optimizer.name = "normalized_adam"
+  c.optimizer.lr = 1.21e-3
+  c.optimizer.weight_decay = 8.86e-5
+  c.optimizer.no_decay = []
+  c.schedule.name = "exponential"
+  c.schedule.decay_rate = 0.915
+  c.schedule.decay_steps = decay_every
+  c.schedule.staircase = True
+  c.schedule.warmup_steps = 0
+  c.schedule.min_lr = 0.0
+
+  e = c.episodes
+  e.data_dir = args.data or os.environ.get("META_DATASET_DIR", "")
+  e.ignore_hierarchy_probability = 0.5
+  e.augment = augment
+  f = c.fewshot
+  f.head = head
+  f.bn_test_mode = args.bn
+  # Both, for the 500-support 14x14 episodes: remat alone still forms the whole attention tensor
+  # once in the backward; with 5-query chunks the step needs 9x less temporary memory
+  # (scripts/benchmark_ctx_memory.py).
+  f.remat = True
+  f.query_chunk_size = 5
+  c.init_checkpoint = args.init
+  c.eval_only = args.eval_only
+
+  if args.mini or args.runlocal:
+    use_mini_benchmark(c, args.data or MINI_DIR)
+    c.total_steps = args.episodes or 2000
+    c.eval_every_steps = 500
+    c.checkpoint_every_steps = 500
+    c.log_every_steps = 50
+    c.schedule.decay_steps = max(decay_every // 5, 1)
+  if args.runlocal:
+    c.episodes.data_dir = args.data or os.path.join("workdirs", "md_mini_runlocal")
+    c.episodes.mini_max_images_per_class = 40
+    c.model.width = 8
+    c.model.stage_sizes = (1, 1, 1, 1)
+    c.episodes.max_support_set_size = 40
+    c.episodes.max_support_size_contrib_per_class = 8
+    c.episodes.max_num_query = 4
+    c.episodes.num_valid_episodes = 4
+    c.episodes.num_test_episodes = 6
+    c.total_steps = args.episodes or 6
+    c.log_every_steps = 2
+    c.eval_every_steps = 3
+    c.checkpoint_every_steps = 3
+    c.progress_bar = False
+    c.plot_curves = False
+  return c

@@ -1,0 +1,171 @@
+#!/usr/bin/env python
+"""Memory (and optionally speed) of the CrossTransformer train step with and without remat and
+query chunking.
+
+The step is what episodic training runs on top of the backbone: logits of the CTX head ->
+softmax cross-entropy (mean over queries) -> gradients w.r.t. the head parameters AND the query
+and support feature maps (what backprop into the backbone needs). It is lowered from
+``jax.ShapeDtypeStruct`` specs and compiled, never run, so the default episode (50-way,
+500 support images, 14x14x512 maps: the largest Meta-Dataset training episode, spec
+crosstransformers.md §1.3 / §6) needs no memory; XLA's ``memory_analysis()`` of each compiled
+step is printed for the configurations
+
+  plain           the attention tensor [Q, 196, S, 196] of the whole query batch, stored for the
+                  backward
+  remat           jax.checkpoint around it: recomputed in the backward, formed once there
+  chunkK          K queries at a time (lax.map) without remat: the forward is chunked, but every
+                  chunk's attention is kept for the backward
+  remat+chunkK    both: peak ~ one chunk's attention (the official ``rematerialize=True`` does
+                  this with K = 1)
+
+with the ratio of temporary memory plain / config (issue target: >= 3x with remat). Numbers are
+for the backend JAX picks (run it on the accelerator for the numbers that matter; CPU buffer
+assignment differs). ``--time`` also runs ``--steps`` steps at ``--time_queries`` queries (the
+plain step must fit in memory) and prints the step time of each configuration and its slowdown
+against plain (issue target: <= 1.3x).
+
+  python scripts/benchmark_ctx_memory.py [--ways=50] [--support=500] [--queries=50] [--hw=14]
+      [--channels=512] [--chunk=5[,10,...]] [--dtype=float32] [--time] [--time_queries=10]
+      [--steps=5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from visrep_jax.models import fewshot  # noqa: E402
+
+FIELDS = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
+          "alias_size_in_bytes", "generated_code_size_in_bytes")
+
+
+def make_train_step(model: fewshot.CrossTransformer, num_classes: int):
+  """(params, query, support, labels, mask, query_labels) -> (loss, (d params, d query, d support))."""
+
+  def loss_fn(params, query, support, labels, mask, query_labels):
+    logits = model.apply({"params": params}, query, support, labels, mask, num_classes)
+    logp = jax.nn.log_softmax(logits)
+    return -jnp.mean(jnp.take_along_axis(logp, query_labels[:, None], axis=1))
+
+  return jax.value_and_grad(loss_fn, argnums=(0, 1, 2))
+
+
+def configurations(chunks):
+  out = {"plain": dict(remat=False, query_chunk_size=None),
+         "remat": dict(remat=True, query_chunk_size=None)}
+  for k in chunks:
+    out[f"chunk{k}"] = dict(remat=False, query_chunk_size=k)
+    out[f"remat+chunk{k}"] = dict(remat=True, query_chunk_size=k)
+  return out
+
+
+def episode_specs(args, num_queries):
+  dtype = jnp.dtype(args.dtype)
+  return (jax.ShapeDtypeStruct((num_queries, args.hw, args.hw, args.channels), dtype),
+          jax.ShapeDtypeStruct((args.support, args.hw, args.hw, args.channels), dtype),
+          jax.ShapeDtypeStruct((args.support,), jnp.int32),
+          jax.ShapeDtypeStruct((args.support,), jnp.bool_),
+          jax.ShapeDtypeStruct((num_queries,), jnp.int32))
+
+
+def compiled_step(args, config, num_queries):
+  model = fewshot.CrossTransformer(dtype=jnp.dtype(args.dtype), **config)
+  specs = episode_specs(args, num_queries)
+  params = jax.eval_shape(functools.partial(model.init, num_classes=args.ways),
+                          jax.random.PRNGKey(0), *specs[:4])["params"]
+  step = jax.jit(make_train_step(model, args.ways))
+  t0 = time.perf_counter()
+  compiled = step.lower(params, *specs).compile()
+  return step, compiled, time.perf_counter() - t0
+
+
+def gib(n):
+  return f"{n / 2**30:9.3f} GiB"
+
+
+def memory_report(args):
+  results = {}
+  attention = args.queries * args.hw ** 2 * args.support * args.hw ** 2 * 4
+  print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}); episode: "
+        f"{args.ways}-way, {args.support} support, {args.queries} queries (batch of queries "
+        f"used here), {args.hw}x{args.hw}x{args.channels} {args.dtype} features; one float32 "
+        f"attention tensor [Q, hw, S, hw] = {gib(attention).strip()}")
+  for name, config in configurations(args.chunk).items():
+    _, compiled, seconds = compiled_step(args, config, args.queries)
+    stats = compiled.memory_analysis()
+    results[name] = {f: int(getattr(stats, f, 0) or 0) for f in FIELDS}
+    print(f"{name:>14}: " + "  ".join(f"{f}={results[name][f]:,}" for f in FIELDS) +
+          f"  (compiled in {seconds:.1f}s)")
+  base = results["plain"]["temp_size_in_bytes"]
+  print("temporary memory (temp_size_in_bytes), ratio plain / config (target: >= 3x):")
+  for name, r in results.items():
+    print(f"{name:>14}: {gib(r['temp_size_in_bytes'])}   {base / max(r['temp_size_in_bytes'], 1):6.2f}x")
+  return results
+
+
+def time_report(args):
+  r = np.random.RandomState(0)
+  q = args.time_queries
+  ways = min(args.ways, args.support)
+  labels = np.arange(args.support) % ways
+  data = (r.randn(q, args.hw, args.hw, args.channels).astype(args.dtype),
+          r.randn(args.support, args.hw, args.hw, args.channels).astype(args.dtype),
+          labels.astype(np.int32), np.ones(args.support, bool),
+          (np.arange(q) % ways).astype(np.int32))
+  data = jax.device_put(data)
+  times = {}
+  print(f"timing: {q} queries, {args.steps} steps after one warm-up, median step time")
+  for name, config in configurations([c for c in args.chunk if c < q] or [1]).items():
+    model = fewshot.CrossTransformer(dtype=jnp.dtype(args.dtype), **config)
+    params = model.init(jax.random.PRNGKey(0), *data[:4], args.ways)["params"]
+    step = jax.jit(make_train_step(model, args.ways))
+    jax.block_until_ready(step(params, *data))
+    samples = []
+    for _ in range(args.steps):
+      t0 = time.perf_counter()
+      jax.block_until_ready(step(params, *data))
+      samples.append(time.perf_counter() - t0)
+    times[name] = statistics.median(samples)
+    print(f"{name:>14}: {times[name] * 1e3:9.1f} ms  slowdown vs plain "
+          f"{times[name] / times['plain']:5.2f}x (target <= 1.30x)")
+  return times
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--ways", type=int, default=50)
+  p.add_argument("--support", type=int, default=500)
+  p.add_argument("--queries", type=int, default=50,
+                 help="queries in the compiled step (Meta-Dataset: up to 10 per class)")
+  p.add_argument("--hw", type=int, default=14, help="feature map side (14: dilated ResNet-34)")
+  p.add_argument("--channels", type=int, default=512)
+  p.add_argument("--chunk", type=lambda s: [int(x) for x in s.split(",")], default=[5],
+                 help="comma-separated query chunk sizes")
+  p.add_argument("--dtype", default="float32", help="feature/head dtype (attention is float32)")
+  p.add_argument("--time", action="store_true", help="also time steps (needs the memory)")
+  p.add_argument("--time_queries", type=int, default=10)
+  p.add_argument("--steps", type=int, default=5)
+  return p.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  results = memory_report(args)
+  if args.time:
+    time_report(args)
+  return results
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,205 @@
+"""Episodic few-shot training end to end on the offline mini benchmark, and the pieces the
+trainer adds on top of the sampler and the heads: padding invariance of a whole episode through
+the backbone (masked BatchNorm) and head, deterministic episode streams (resume), the confidence
+interval, and the config errors."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import requires_fashion_mnist
+from visrep_jax import config_lib, models
+from visrep_jax.config_lib import ConfigError
+from visrep_jax.data import episode_pipeline as ep_lib
+from visrep_jax.models import fewshot
+from visrep_jax.trainers import episodic
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name, arg):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(REPO, "configs",
+                                                                            f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
+@pytest.fixture(scope="module")
+def mini_dir(tmp_path_factory):
+  if not os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"):
+    pytest.skip("Debian's dataset-fashion-mnist is not installed")
+  from visrep_jax.data import md_mini
+  d = str(tmp_path_factory.mktemp("md_mini"))
+  md_mini.build_mini_benchmark(d, max_images_per_class=40)
+  return d
+
+
+def test_confidence_interval_is_meta_datasets_formula():
+  accs = np.array([0.5, 0.7, 0.9, 0.6])
+  assert ep_lib.confidence_interval(accs) == pytest.approx(1.96 * np.std(accs) / 2.0)
+  assert np.isnan(ep_lib.confidence_interval([]))
+
+
+def test_config_errors():
+  c = load_config("ctx", "variant=ctx,runlocal")
+  c.fewshot.head = "matchingnet"
+  with pytest.raises(ConfigError, match="fewshot.head"):
+    config_lib.validate(c)
+  c = load_config("ctx", "variant=ctx")
+  c.episodes.data_dir = ""
+  with pytest.raises(ConfigError, match="data_dir is empty"):
+    config_lib.validate(c)
+  c = load_config("ctx", "variant=ctx,runlocal")
+  c.episodes.augment = "simclr_episodes(prob=2)"
+  with pytest.raises(ConfigError, match="episodes.augment"):
+    config_lib.validate(c)
+  with pytest.raises(ConfigError, match="variant="):
+    load_config("ctx", "variant=maml")
+
+
+def test_recipe_values_follow_the_paper():
+  for variant, decay in (("protonet", 500), ("ctx", 500), ("ctx_simclr", 1000),
+                         ("ctx_simclr_aug", 2000)):
+    c = load_config("ctx", f"variant={variant},data=/x")
+    assert c.schedule.decay_steps == decay and c.schedule.decay_rate == 0.915
+    assert c.optimizer.name == "normalized_adam" and c.optimizer.lr == 1.21e-3
+    assert c.optimizer.weight_decay == 8.86e-5
+    assert c.model.name == "resnet34"
+    assert tuple(c.model.replace_stride_with_dilation) == (False, False, variant != "protonet")
+    assert c.episodes.ignore_hierarchy_probability == 0.5
+    assert c.fewshot.head == ("protonet" if variant == "protonet" else "ctx")
+  assert "bohb" in load_config("ctx", "variant=ctx_simclr_aug").episodes.augment
+  pn = load_config("protonet", "simclr,bn=support")
+  assert pn.fewshot.head == "protonet" and pn.fewshot.bn_test_mode == "support"
+  assert pn.episodes.augment.startswith("simclr_episodes") and pn.schedule.decay_steps == 1000
+
+
+@pytest.mark.parametrize("head", ["protonet", "ctx"])
+def test_padding_changes_nothing_through_backbone_and_head(head):
+  """The same episode padded to two sizes (garbage in the padding) gives the same query logits
+  and the same BatchNorm statistics, in training mode (masked BN) and at test time."""
+  backbone = models.create("resnet18", num_classes=0, width=8, stage_sizes=(1, 1, 1, 1),
+                           stem_kernel=3, stem_stride=1, stem_pool=False,
+                           replace_stride_with_dilation=(False, False, True))
+  h = None if head == "protonet" else fewshot.CrossTransformer(key_dim=16, value_dim=16)
+  rng = np.random.default_rng(0)
+  n_s, n_q, ways = 5, 4, 3
+  imgs = rng.integers(0, 256, size=(n_s + n_q, 16, 16, 1)).astype(np.uint8)
+  s_lab = np.array([0, 0, 1, 2, 2], np.int32)
+  q_lab = np.array([0, 1, 2, 1], np.int32)
+  v = backbone.init(jax.random.PRNGKey(0), jnp.zeros((2, 16, 16, 1)), train=False)
+  params = {"backbone": v["params"]}
+  if h is not None:
+    fm = backbone.apply(v, jnp.zeros((2, 16, 16, 1)))[1]["feature_map"]
+    params["head"] = h.init(jax.random.PRNGKey(1), fm[:1], fm, jnp.zeros((2,), jnp.int32),
+                            jnp.ones((2,), bool), num_classes=2)["params"]
+  model_state = {"batch_stats": v["batch_stats"]}
+
+  def episode(pad_s, pad_q):
+    junk = lambda n: rng.integers(0, 256, size=(n, 16, 16, 1)).astype(np.uint8)
+    return {"images": np.concatenate([imgs[:n_s], junk(pad_s), imgs[n_s:], junk(pad_q)]),
+            "support_labels": np.concatenate([s_lab, -np.ones(pad_s, np.int32)]),
+            "support_mask": np.arange(n_s + pad_s) < n_s,
+            "query_labels": np.concatenate([q_lab, -np.ones(pad_q, np.int32)]),
+            "query_mask": np.arange(n_q + pad_q) < n_q}
+
+  outs = []
+  for pad_s, pad_q, n_ways in ((0, 0, ways), (3, 2, ways + 2)):
+    ep = episode(pad_s, pad_q)
+    res = {}
+    for train, mode in ((True, "ema"), (False, "ema"), (False, "support")):
+      logits, upd = episodic.episode_logits(backbone, h, params, model_state, ep, n_ways,
+                                            n_s + pad_s, train=train, bn_mode=mode)
+      res[(train, mode)] = (np.asarray(logits)[:n_q, :ways], upd)
+      loss, acc = episodic.episode_loss_and_accuracy(logits, ep)
+      res[(train, mode, "loss")] = (float(loss), float(acc))
+    outs.append(res)
+  for key in outs[0]:
+    a, b = outs[0][key], outs[1][key]
+    if len(key) == 3:
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+      continue
+    np.testing.assert_allclose(a[0], b[0], rtol=1e-4, atol=1e-3)
+    for x, y in zip(jax.tree.leaves(a[1]), jax.tree.leaves(b[1])):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
+  # Support-set BN statistics differ from the running ones (the two test modes are different).
+  assert not np.allclose(outs[0][(False, "ema")][0], outs[0][(False, "support")][0], atol=1e-3)
+
+
+@requires_fashion_mnist
+def test_episode_stream_is_a_function_of_the_index(mini_dir):
+  c = load_config("ctx", f"variant=ctx,runlocal,data={mini_dir}")
+  src = ep_lib.EpisodeSource(os.path.join(mini_dir, "fashion_mnist"), "train",
+                             episodic.descr_config(c.episodes), 28, channels=1)
+  a = ep_lib.EpisodeStream([src], seed=3, start=0, prefetch=2)
+  eps = [next(a) for _ in range(5)]
+  a.close()
+  b = ep_lib.EpisodeStream([src], seed=3, start=3, prefetch=0)
+  for want in eps[3:]:
+    got = next(b)
+    for k in ("images", "support_labels", "query_labels", "support_mask", "query_mask"):
+      np.testing.assert_array_equal(got[k], want[k])
+  # Different episodes, with variable ways and shots, within the configured bounds.
+  ways = {int(e["num_ways"]) for e in eps}
+  assert len({e["images"].tobytes() for e in eps}) == 5 and ways <= set(range(2, 7))
+  for e in eps:
+    assert e["support_mask"].sum() <= c.episodes.max_support_set_size
+    counts = np.bincount(e["query_labels"][e["query_mask"]], minlength=int(e["num_ways"]))
+    assert len(set(counts.tolist())) == 1 and counts[0] <= c.episodes.max_num_query
+
+
+@requires_fashion_mnist
+@pytest.mark.parametrize("variant,extra", [("ctx", ""), ("protonet", ",bn=support")])
+def test_runlocal_trains_validates_and_tests(mini_dir, tmp_path, variant, extra):
+  c = load_config("ctx", f"variant={variant},runlocal,data={mini_dir}{extra}")
+  if variant == "protonet":
+    c.episodes.augment = "simclr_episodes(prob=0.5)"  # exercise the augmentation path
+  wd = str(tmp_path / "wd")
+  results = episodic.train_and_evaluate(c, wd)
+  assert set(results) == {"fashion_mnist", "digits"}
+  for r in results.values():
+    assert 0.0 <= r["accuracy"] <= 1.0 and r["episodes"] == c.episodes.num_test_episodes
+    assert r["ci95"] > 0
+  saved = json.load(open(os.path.join(wd, "fewshot_test.json")))
+  assert saved["results"]["digits"]["accuracy"] == pytest.approx(results["digits"]["accuracy"])
+  best = json.load(open(os.path.join(wd, "best_valid.json")))
+  assert best["step"] in (3, 6)
+  lines = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+  assert any("valid/accuracy" in l for l in lines)
+  assert all(np.isfinite(l["train/loss"]) for l in lines if "train/loss" in l)
+  # Rerunning finds the finished run: nothing is retrained and the test numbers are identical.
+  again = episodic.train_and_evaluate(c, wd)
+  assert again == results
+
+
+@requires_fashion_mnist
+def test_valid_and_test_episodes_read_their_own_classes(mini_dir):
+  """Sampler class ids are split-relative; the images must come from the split's classes."""
+  from visrep_jax.data import meta_dataset as md
+  c = load_config("ctx", f"variant=ctx,runlocal,data={mini_dir}")
+  for split in ("valid", "test"):
+    src = ep_lib.EpisodeSource(os.path.join(mini_dir, "fashion_mnist"), split,
+                               episodic.descr_config(c.episodes), 28, channels=1)
+    ids = list(src.spec.get_classes(md.Split.parse(split)))
+    assert ids[0] > 0  # not the train classes' ids
+    own = {cid: {im.tobytes() for im in md.load_class_images(src.spec, cid, 28, 1)}
+           for cid in ids}
+    ep = src.sample(seed=5)
+    s = ep["support_mask"].shape[0]
+    for part, offset in (("support", 0), ("query", s)):
+      labels, mask = ep[f"{part}_labels"], ep[f"{part}_mask"]
+      for k in np.flatnonzero(mask):
+        img = ep["images"][offset + k].tobytes()
+        homes = [cid for cid in ids if img in own[cid]]
+        assert homes, f"{split} episode image from outside the split's classes"
+      # One label per class: images sharing a label come from one class.
+      for lab in set(labels[mask].tolist()):
+        homes = {next(cid for cid in ids if ep["images"][offset + k].tobytes() in own[cid])
+                 for k in np.flatnonzero(mask & (labels == lab))}
+        assert len(homes) == 1

@@ -1,0 +1,262 @@
+"""Meta-Dataset episodes for training and evaluation: spec + sampler + images + augmentation.
+
+One :class:`EpisodeSource` per (source directory, split) samples episodes with the official
+algorithm (:mod:`visrep_jax.data.episodes`), takes the images from the converted records
+(:mod:`visrep_jax.data.meta_dataset`) and pads everything to static shapes, so that one compiled
+step serves every episode. :class:`EpisodeStream` mixes the training sources, applies the episode
+augmentation (:mod:`visrep_jax.data.episode_augment`: SimCLR episodes, BOHB, SC-Aug) and prefetches
+on a background thread.
+
+Determinism: episode ``t`` of a stream is a function of ``(seed, t)`` only (the sampler's RNG,
+the image choice and the augmentation are all re-seeded from it), so a resumed run sees the same
+episodes, and every evaluation of every model sees the same test episodes.
+
+An episode is a dict of NumPy arrays (S / Q = padded support / query sizes, N = padded ways):
+  images        uint8 or float32 [S + Q, H, W, C] (support first; float32 [0, 255] after an
+                augmentation)
+  support_labels int32 [S] in [0, N) (padding: -1);  support_mask bool [S]
+  query_labels  int32 [Q] in [0, N) (padding: -1);   query_mask bool [Q]
+  num_ways      int32 [] (real ways; a SimCLR episode has one way per support image)
+  is_simclr     bool []
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import queue
+import threading
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+
+from visrep_jax.data import episodes as episodes_lib
+from visrep_jax.data import meta_dataset as md
+
+
+class EpisodeError(ValueError):
+  """A configuration or data problem of the episode pipeline (one line, says what to do)."""
+
+
+def episode_seed(seed: int, index: int, salt: int = 0) -> int:
+  """A 31-bit seed for episode ``index`` of a stream seeded with ``seed``."""
+  return int(np.random.SeedSequence([int(seed), int(index), int(salt)]).generate_state(1)[0]
+             & 0x7FFFFFFF)
+
+
+class _ImageCache:
+  """Decoded class images (uint8 [N, H, W, C]) kept in memory up to ``max_bytes`` (LRU)."""
+
+  def __init__(self, spec, image_size: int, channels: int, max_bytes: int):
+    self.spec, self.image_size, self.channels = spec, image_size, channels
+    self.max_bytes = max_bytes
+    self._items: "collections.OrderedDict[int, np.ndarray]" = collections.OrderedDict()
+    self._bytes = 0
+    self._lock = threading.Lock()
+
+  def get(self, class_id: int) -> np.ndarray:
+    with self._lock:
+      if class_id in self._items:
+        self._items.move_to_end(class_id)
+        return self._items[class_id]
+    images = md.load_class_images(self.spec, class_id, self.image_size, self.channels)
+    with self._lock:
+      self._items[class_id] = images
+      self._bytes += images.nbytes
+      while self._bytes > self.max_bytes and len(self._items) > 1:
+        _, old = self._items.popitem(last=False)
+        self._bytes -= old.nbytes
+    return images
+
+
+@dataclasses.dataclass
+class EpisodeShapes:
+  """Static episode sizes: ``ways`` (N), ``support`` (S), ``query`` (Q)."""
+  ways: int
+  support: int
+  query: int
+
+  def union(self, other: "EpisodeShapes") -> "EpisodeShapes":
+    return EpisodeShapes(max(self.ways, other.ways), max(self.support, other.support),
+                         max(self.query, other.query))
+
+
+class EpisodeSource:
+  """Episodes of one Meta-Dataset source (a converted directory) and split.
+
+  ``use_hierarchy``: the ImageNet DAG / Omniglot alphabets when the spec has them (the official
+  ``use_dag_ontology`` / ``use_bilevel_ontology`` for ILSVRC / Omniglot); the DAG is ignored for
+  a fraction ``ignore_hierarchy_probability`` of the episodes (CrossTransformers: 0.5 in
+  training).
+  """
+
+  def __init__(self, path: str, split, descr_config: episodes_lib.EpisodeDescriptionConfig,
+               image_size: int, *, channels: int = 3, use_hierarchy: bool = True,
+               ignore_hierarchy_probability: float = 0.0, cache_bytes: int = 4 << 30):
+    if not os.path.isdir(path):
+      raise EpisodeError(f"Meta-Dataset source directory {path!r} does not exist: convert the "
+                         "source first (python -m visrep_jax.data.md_convert, or "
+                         "python -m visrep_jax.data.md_mini for the mini benchmark).")
+    self.path = path
+    self.spec = md.load_dataset_spec(path)
+    self.split = md.Split.parse(split)
+    self.name = self.spec.name
+    hierarchical = isinstance(self.spec, md.HierarchicalDatasetSpecification)
+    bilevel = isinstance(self.spec, md.BiLevelDatasetSpecification)
+    n = len(self.spec.get_classes(self.split))
+    if n == 0:
+      raise EpisodeError(f"{self.name} has no {self.split.name.lower()} classes; pick another "
+                         "split or source.")
+    md.check_class_files(self.spec, self.split)
+    try:
+      self.sampler = episodes_lib.EpisodeDescriptionSampler(
+          self.spec, self.split, descr_config,
+          use_dag_hierarchy=use_hierarchy and hierarchical,
+          use_bilevel_hierarchy=use_hierarchy and bilevel,
+          ignore_hierarchy_probability=ignore_hierarchy_probability, episode_sampling_seed=0)
+    except ValueError as e:
+      raise EpisodeError(f"{self.name} ({self.split.name.lower()} split): {e}") from None
+    ways, support, query = self.sampler.max_episode_sizes()
+    self.shapes = EpisodeShapes(ways, support, query)
+    self.image_size = image_size
+    self.channels = channels
+    self._cache = _ImageCache(self.spec, image_size, channels, cache_bytes)
+
+  def sample(self, seed: int, shapes: Optional[EpisodeShapes] = None) -> Dict[str, np.ndarray]:
+    """The episode of ``seed``, padded to ``shapes`` (default: this source's maxima)."""
+    shapes = shapes or self.shapes
+    # Re-seeding the sampler's own RandomState makes episode t a function of (seed, t) alone.
+    self.sampler._rng = np.random.RandomState(seed)  # pylint: disable=protected-access
+    description = self.sampler.sample_episode_description()  # split-relative class ids
+    rng = np.random.RandomState(episode_seed(seed, 0, 1))
+    idx = episodes_lib.sample_episode_indices(description, self.sampler.images_per_class, rng)
+    padded = episodes_lib.pad_episode(idx, shapes.support, shapes.query, shapes.ways)
+    class_set = self.sampler.class_set  # relative -> dataset class id
+    size, c = self.image_size, self.channels
+    images = np.zeros((shapes.support + shapes.query, size, size, c), np.uint8)
+    for part, offset in (("support", 0), ("query", shapes.support)):
+      classes, within = padded[f"{part}_classes"], padded[f"{part}_images"]
+      for k in np.flatnonzero(padded[f"{part}_mask"]):
+        images[offset + k] = self._cache.get(int(class_set[int(classes[k])]))[int(within[k])]
+    return {
+        "images": images,
+        "support_labels": np.where(padded["support_mask"], padded["support_labels"], -1
+                                   ).astype(np.int32),
+        "support_mask": padded["support_mask"],
+        "query_labels": np.where(padded["query_mask"], padded["query_labels"], -1
+                                 ).astype(np.int32),
+        "query_mask": padded["query_mask"],
+        "num_ways": np.int32(padded["num_classes"]),
+        "is_simclr": np.bool_(False),
+    }
+
+
+def augment_episode(episode: Dict[str, np.ndarray], fn: Callable, seed: int
+                    ) -> Dict[str, np.ndarray]:
+  """Applies an :func:`episode_augment.parse` function to a padded episode (eagerly, in TF) and
+  returns the same layout with float32 [0, 255] images."""
+  s = episode["support_mask"].shape[0]
+  ep = {"support_images": episode["images"][:s], "query_images": episode["images"][s:],
+        "support_labels": np.maximum(episode["support_labels"], 0),
+        "query_labels": np.maximum(episode["query_labels"], 0),
+        "support_mask": episode["support_mask"], "query_mask": episode["query_mask"]}
+  out = fn(ep, np.array([seed, 0], np.int64))
+  out = {k: np.asarray(v) for k, v in out.items()}
+  is_simclr = bool(out["is_simclr"])
+  return {
+      "images": np.concatenate([out["support_images"], out["query_images"]]).astype(np.float32),
+      "support_labels": out["support_labels"].astype(np.int32),
+      "support_mask": out["support_mask"].astype(bool),
+      "query_labels": out["query_labels"].astype(np.int32),
+      "query_mask": out["query_mask"].astype(bool),
+      "num_ways": np.int32(int(out["support_mask"].sum()) if is_simclr else episode["num_ways"]),
+      "is_simclr": np.bool_(is_simclr),
+  }
+
+
+class EpisodeStream:
+  """Episodes ``start, start + 1, ...`` from one or more sources (chosen uniformly per episode,
+  as Meta-Dataset's multi-source training), augmented, padded to the union of the sources'
+  shapes, prefetched ``prefetch`` ahead on a background thread."""
+
+  def __init__(self, sources: Sequence[EpisodeSource], seed: int, start: int = 0,
+               augment: Optional[Callable] = None, prefetch: int = 2,
+               shapes: Optional[EpisodeShapes] = None):
+    if not sources:
+      raise EpisodeError("No episode sources: list at least one in config.episodes.")
+    self.sources = list(sources)
+    self.seed, self.index = int(seed), int(start)
+    self.augment = augment
+    shp = self.sources[0].shapes
+    for s in self.sources[1:]:
+      shp = shp.union(s.shapes)
+    self.shapes = shapes or shp
+    self._queue: "queue.Queue" = queue.Queue(maxsize=max(prefetch, 1))
+    self._stop = threading.Event()
+    self._thread: Optional[threading.Thread] = None
+    self._prefetch = prefetch
+
+  def episode(self, index: int) -> Dict[str, np.ndarray]:
+    seed = episode_seed(self.seed, index)
+    src = self.sources[np.random.RandomState(episode_seed(self.seed, index, 2)).randint(
+        len(self.sources))] if len(self.sources) > 1 else self.sources[0]
+    ep = src.sample(seed, self.shapes)
+    if self.augment is not None:
+      ep = augment_episode(ep, self.augment, episode_seed(self.seed, index, 3))
+    ep["source"] = src.name
+    return ep
+
+  def _worker(self):
+    i = self.index
+    try:
+      while not self._stop.is_set():
+        item = self.episode(i)
+        i += 1
+        while not self._stop.is_set():
+          try:
+            self._queue.put(item, timeout=0.1)
+            break
+          except queue.Full:
+            continue
+    except BaseException as e:  # surfaced in __next__
+      self._queue.put(e)
+
+  def __iter__(self) -> Iterator[Dict[str, np.ndarray]]:
+    return self
+
+  def __next__(self) -> Dict[str, np.ndarray]:
+    if self._prefetch <= 0:
+      ep = self.episode(self.index)
+      self.index += 1
+      return ep
+    if self._thread is None:
+      self._thread = threading.Thread(target=self._worker, daemon=True)
+      self._thread.start()
+    item = self._queue.get()
+    if isinstance(item, BaseException):
+      raise item
+    self.index += 1
+    return item
+
+  def close(self):
+    self._stop.set()
+
+
+def open_sources(data_dir: str, names: Sequence[str], split, descr_config, image_size: int,
+                 **kwargs) -> List[EpisodeSource]:
+  """``EpisodeSource`` for each ``data_dir/<name>`` (a source's converted directory)."""
+  if not data_dir:
+    raise EpisodeError("config.episodes.data_dir is empty: point it at the directory holding "
+                       "the converted Meta-Dataset sources (one sub-directory per source).")
+  return [EpisodeSource(os.path.join(data_dir, n), split, descr_config, image_size, **kwargs)
+          for n in names]
+
+
+def confidence_interval(accuracies: Sequence[float]) -> float:
+  """Meta-Dataset's 95% confidence interval of the mean over episodes:
+  ``1.96 * std / sqrt(n)`` (population std, as ``np.std``)."""
+  a = np.asarray(accuracies, np.float64)
+  if a.size == 0:
+    return float("nan")
+  return float(1.96 * a.std() / np.sqrt(a.size))

@@ -1,0 +1,305 @@
+"""Few-shot episode heads: Prototypical Nets and CrossTransformers (CTX).
+
+Both heads take one padded episode with static shapes, so a single compiled function serves
+every Meta-Dataset episode (variable ways, variable shots per class):
+
+  query   [Q, D] or [Q, h, w, D]      support [S, D] or [S, h', w', D]
+  support_labels [S] int in [0, num_classes)      support_mask [S] bool (None: all real)
+  num_classes: a static Python int (the padded number of ways)
+
+A support entry counts only if its mask is True and its label lies in [0, num_classes); other
+entries (padding) may hold anything, inf and NaN included: they are replaced by zeros before
+any arithmetic, so they change no value and receive a zero gradient. A class with no real
+support image (a padded way) gets the logit ``NO_SUPPORT_LOGIT`` (-1e9), finite on purpose:
+-inf would turn softmax cross-entropy's ``0 * log p`` for that class into NaN. Padded queries
+are the trainer's business (mask them in the loss). Logits are float32.
+
+* ``PrototypicalHead`` / ``prototypical_logits``: Prototypical Nets as in the paper (spec
+  crosstransformers.md §1.2, L165-182) and Meta-Dataset's ``PrototypicalNetworkLearner``:
+  prototype = mean of the class's support embeddings (feature maps are global-average-pooled
+  first, spec §1.1 "final spatial pooling", L241), logit = -||query - prototype||^2, no scale.
+
+* ``CrossTransformer``: spec §1.3 (L221-311, C.2 L662-678), Eqs. (1)-(3), following the official
+  ``CrossTransformerLearner`` (reference_implementations.md §2.1). See the class docstring for
+  the ambiguities and what was chosen.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+Dtype = Any
+
+# Logit of a class with no real support image; see the module docstring.
+NO_SUPPORT_LOGIT = -1e9
+
+
+def _check_num_classes(num_classes) -> int:
+  if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    raise TypeError(f"num_classes must be a positive Python int (static under jit: pass it with "
+                    f"static_argnames/functools.partial), got {num_classes!r}")
+  return num_classes
+
+
+def support_validity(support_labels, support_mask, num_classes: int, dtype=jnp.float32):
+  """(valid [S] bool, one_hot [S, C] with zero rows for padding, has_support [C] bool)."""
+  labels = jnp.asarray(support_labels).astype(jnp.int32)
+  valid = (labels >= 0) & (labels < num_classes)
+  if support_mask is not None:
+    valid = valid & jnp.asarray(support_mask).astype(bool)
+  one_hot = jax.nn.one_hot(jnp.where(valid, labels, 0), num_classes, dtype=dtype)
+  one_hot = one_hot * valid[:, None].astype(dtype)
+  return valid, one_hot, jnp.sum(one_hot, axis=0) > 0
+
+
+def _zero_padding(x, valid):
+  """Padded entries -> 0 (a select: inf/NaN there neither leak forward nor give NaN grads)."""
+  return jnp.where(valid.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
+
+
+def _compute_dtype(x):
+  """float32, or float64 for float64 inputs (tests against float64 references)."""
+  return jnp.promote_types(jnp.float32, x.dtype)
+
+
+def _pool(x):
+  """Embeddings [N, D], or feature maps [N, h, w, D] global-average-pooled, in float32+."""
+  x = jnp.asarray(x)
+  if x.ndim not in (2, 4):
+    raise ValueError(f"expected embeddings [N, D] or feature maps [N, h, w, D], got {x.shape}")
+  x = x.astype(_compute_dtype(x))
+  return jnp.mean(x, axis=(1, 2)) if x.ndim == 4 else x
+
+
+def prototypes(support_embeddings, support_labels, support_mask, num_classes: int):
+  """Masked per-class mean: (prototypes [C, D] float32, has_support [C] bool). Padded entries
+  are zeroed after pooling (a NaN anywhere in a padded map stays out).
+
+  A class without support has a zero prototype (Meta-Dataset divides 0 by 0 there)."""
+  num_classes = _check_num_classes(num_classes)
+  emb = _pool(support_embeddings)
+  valid, one_hot, has_support = support_validity(support_labels, support_mask, num_classes,
+                                                 emb.dtype)
+  emb = _zero_padding(emb, valid)
+  sums = jnp.einsum("sc,sd->cd", one_hot, emb, precision=jax.lax.Precision.HIGHEST)
+  counts = jnp.sum(one_hot, axis=0)
+  return sums / jnp.maximum(counts, 1.0)[:, None], has_support
+
+
+def prototypical_logits(query_embeddings, support_embeddings, support_labels, support_mask,
+                        num_classes: int, no_support_logit: float = NO_SUPPORT_LOGIT):
+  """Prototypical Nets logits [Q, C] = -squared Euclidean distance to the class prototypes.
+
+  The difference is formed explicitly (as Meta-Dataset does), not as |q|^2 - 2 q.t + |t|^2,
+  which cancels catastrophically for large embeddings."""
+  protos, has_support = prototypes(support_embeddings, support_labels, support_mask, num_classes)
+  query = _pool(query_embeddings)
+  dist = jnp.sum(jnp.square(query[:, None, :] - protos[None, :, :]), axis=-1)
+  return jnp.where(has_support[None, :], -dist, jnp.asarray(no_support_logit, dist.dtype))
+
+
+class PrototypicalHead(nn.Module):
+  """Prototypical Nets head (no parameters); see ``prototypical_logits``."""
+  no_support_logit: float = NO_SUPPORT_LOGIT
+
+  @nn.compact
+  def __call__(self, query_embeddings, support_embeddings, support_labels, support_mask=None,
+               num_classes: int = None):
+    return prototypical_logits(query_embeddings, support_embeddings, support_labels,
+                               support_mask, _check_num_classes(num_classes),
+                               self.no_support_logit)
+
+
+# ------------------------------------------------------------------------- CrossTransformer
+
+
+def ctx_attend(queries, query_values, keys, values, support_labels, valid, num_classes: int,
+               scale: float, no_support_logit: float = NO_SUPPORT_LOGIT,
+               return_attention: bool = False, precision=None):
+  """CTX distances for a block of queries (pure function: the unit that is chunked/remat'ed).
+
+  queries [n, P, d], query_values [n, P, e], keys [S, M, d], values [S, M, e] (padded support
+  entries already zero), support_labels [S], valid [S] bool.
+  Returns logits [n, C] float32 (and, with ``return_attention``, attention [n, P, S, M]: for
+  each query position and class, the weights over that class's (image, position) pairs sum to
+  1; padded images get 0).
+
+  The class-wise softmax of Eq. (1) is computed as in the official ``get_support_set_softmax``
+  (per-class max, per-class sum of exponentials), factored through the per-image maximum so
+  that nothing of size [n, P, S, C] or [S, M, C, e] is formed: with e = exp(a - max_img),
+  u_s = sum_m e_sm v_sm (one batched matmul) and the aligned prototype of class c is
+  t_c = sum_{s in c} exp(max_img_s - LSE_c) u_s, LSE_c being the log-sum-exp of the class.
+  The shifts (maxima) are stop_gradient'ed: they cancel exactly, so gradients are unchanged.
+  """
+  f32 = _compute_dtype(queries)
+  q, w = queries.astype(f32), query_values.astype(f32)
+  k, v = keys.astype(f32), values.astype(f32)
+  labels = jnp.asarray(support_labels).astype(jnp.int32)
+  valid_f = valid.astype(f32)
+  one_hot = jax.nn.one_hot(jnp.where(valid, labels, 0), num_classes, dtype=f32) * valid_f[:, None]
+  has_support = jnp.sum(one_hot, axis=0) > 0
+
+  # Eq. (1): a[n, p, s, m] = q_p . k_sm / tau.
+  a = jnp.einsum("npd,smd->npsm", q, k, precision=precision) * jnp.asarray(scale, f32)
+  max_img = jax.lax.stop_gradient(jnp.max(a, axis=-1))                          # [n, P, S]
+  e = jnp.exp(a - max_img[..., None])                                           # [n, P, S, M]
+  z_img = jnp.sum(e, axis=-1)                                                   # [n, P, S]
+  # Per-class maximum of the per-image maxima (padding dropped: segment id num_classes).
+  seg = jnp.where(valid, labels, num_classes)
+  max_cls = jax.ops.segment_max(jnp.moveaxis(max_img, -1, 0), seg, num_segments=num_classes)
+  max_cls = jnp.where(has_support, jnp.moveaxis(max_cls, 0, -1), 0.0)           # [n, P, C]
+  max_back = jnp.take(max_cls, jnp.where(valid, labels, 0), axis=-1)            # [n, P, S]
+  ratio = jnp.where(valid, jnp.exp(jnp.where(valid, max_img - max_back, 0.0)), 0.0)
+  ratio = jax.lax.stop_gradient(ratio)                                          # <= 1
+  # Small matmuls with the one-hot labels (segment sum / gather): full float32 precision even
+  # where the default allows TF32 (GPU), as these are the softmax normalisers.
+  exact = jax.lax.Precision.HIGHEST
+  z_cls = jnp.einsum("nps,sc->npc", z_img * ratio, one_hot, precision=exact)  # >= 1 if has
+  z_cls = jnp.where(has_support, z_cls, 1.0)
+  # Normaliser of image s's class, gathered by a matmul (padding: 1, avoiding 0/0).
+  z_back = jnp.einsum("npc,sc->nps", z_cls, one_hot, precision=exact) + (1.0 - valid_f)
+  beta = ratio / z_back                                                         # [n, P, S]
+
+  # Eq. (2): query-aligned prototypes t[n, p, c] = sum_{s in c, m} softmax(a) v_sm.
+  u = jnp.einsum("npsm,sme->npse", e, v, precision=precision)                   # [n, P, S, e]
+  t = jnp.einsum("npse,sc->npce", u * beta[..., None], one_hot, precision=precision)
+
+  # Eq. (3): mean over query positions of the squared Euclidean distance; logits = -d.
+  dist = jnp.mean(jnp.sum(jnp.square(w[:, :, None, :] - t), axis=-1), axis=1)   # [n, C]
+  logits = jnp.where(has_support[None, :], -dist, jnp.asarray(no_support_logit, f32))
+  if return_attention:
+    return logits, e * beta[..., None]
+  return logits
+
+
+def _map_query_chunks(fn, chunk_size: Optional[int], *xs):
+  """fn over the leading (query) axis in chunks of ``chunk_size`` with lax.map; the last chunk
+  is zero-padded and the padding dropped."""
+  if chunk_size is not None and chunk_size < 1:
+    raise ValueError(f"query_chunk_size must be >= 1 or None, got {chunk_size}")
+  n = xs[0].shape[0]
+  if chunk_size is None or chunk_size >= n:
+    return fn(*xs)
+  num_chunks = -(-n // chunk_size)
+  pad = num_chunks * chunk_size - n
+
+  def split(x):
+    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+    return x.reshape((num_chunks, chunk_size) + x.shape[1:])
+
+  out = jax.lax.map(lambda args: fn(*args), tuple(split(x) for x in xs))
+  return jax.tree_util.tree_map(lambda o: o.reshape((n + pad,) + o.shape[2:])[:n], out)
+
+
+class CrossTransformer(nn.Module):
+  """CrossTransformer head (Doersch et al. 2020): query-aligned prototypes from attention over
+  all positions of all support images of each class; logits = -mean_p ||w_p - t^c_p||^2.
+
+  ``apply(variables, query_features [Q,h,w,D], support_features [S,h',w',D], support_labels [S],
+  support_mask [S], num_classes, return_attention=False)`` -> logits [Q, num_classes] float32
+  (and attention [Q, h*w, S, h'*w'] float32 with ``return_attention``; see ``ctx_attend``).
+
+  Variables: ``params/tformer_keys/kernel`` [D, key_dim] (the shared query/key head Gamma = Omega)
+  and ``params/tformer_values/kernel`` [D, value_dim] (Lambda, shared by support and query); the
+  names are the official scopes. The official heads are 1x1 convs: kernel[0, 0] of theirs.
+
+  Memory (spec §6 L665-668: the attention maps hold all query-support position pairs, ~38 GB in
+  fp32 for 500 queries x 500 support images at 14x14): ``query_chunk_size`` runs the attention
+  for that many queries at a time (lax.map), so the forward's peak scales with the chunk;
+  ``remat`` wraps the (per-chunk) attention in jax.checkpoint, so the backward recomputes it
+  instead of storing it. Training needs both (chunking alone still stores every chunk's
+  attention for the backward; remat alone still forms the whole tensor once in the backward);
+  the official learner does the equivalent with one query per step (``rematerialize=True``).
+  scripts/benchmark_ctx_memory.py, XLA CPU, 50-way / 500 support / 50 queries at 14x14x512,
+  temporary memory of the train step: plain 20.2 GiB, remat 22.7, chunk 5 8.0, remat + chunk 5
+  2.2 (9.1x less). So set ``query_chunk_size`` whenever ``remat`` is on.
+  Neither changes a value or a gradient (up to float rounding of reordered sums).
+
+  Ambiguities (spec crosstransformers.md §1.3 and §8) and the choices made:
+  * "normalized keys and queries" (L246-247, §8.1) vs. Eq. (1)'s division by tau = sqrt(d_k):
+    default ``key_query_norm=None`` follows Eq. (1) literally and the official ``_attend``
+    (logits * rsqrt(d)); ``key_query_norm='l2'`` L2-normalises keys and queries first
+    (reading (b)), with ``temperature`` (default sqrt(key_dim)) replacing tau if given.
+  * Bias of the heads (§1.3 "NOT STATED", §8.2): none by default (``use_bias=False``), as the
+    official ``functional_backbones.conv`` and lucidrains' ``bias=False``; it also keeps the
+    "distance -> 0 for identical images" argument of L302-304 exact.
+  * Initialisation (§8.2): truncated normal, stddev 0.1, cut at 2 sigma (``init_std=0.1``), the
+    official ``weight_variable`` used for ``tformer_keys``/``tformer_values``;
+    ``init_std=None`` gives PyTorch's Conv2d default (lucidrains).
+  * Normalisation of features / LayerNorm: none. The heads are linear "with no
+    non-linearities" (L665) on the raw backbone map; LayerNorm appears in the paper only in the
+    App. B nearest-neighbour backbone (L576-577), not in the head.
+  * Weight sharing: one Dense gives support keys and query queries (Gamma = Omega, L305); one
+    Dense gives support values and query values (shared Lambda, L301); d_k = d_v = 128 (L664).
+  * Softmax domain: jointly over all images and positions of the class (L247, Eq. 1), per query
+    position and class: the official segment-softmax, so shots may differ per class.
+  * Distance: sum over channels, mean over the h*w query positions (Eq. 3, L276-290; official
+    ``reduce_sum(...) / (Hq*Wq)``); logits = -distance with no temperature (L277-278).
+  * Attention arithmetic is float32 whatever ``dtype`` (the heads' compute dtype) is (float64
+    if the heads output float64).
+  """
+  key_dim: int = 128
+  value_dim: int = 128
+  use_bias: bool = False
+  init_std: Optional[float] = 0.1
+  key_query_norm: Optional[str] = None   # None (Eq. 1) or 'l2'
+  temperature: Optional[float] = None    # None: sqrt(key_dim)
+  remat: bool = False
+  query_chunk_size: Optional[int] = None
+  no_support_logit: float = NO_SUPPORT_LOGIT
+  precision: Any = None
+  dtype: Dtype = jnp.float32
+
+  def _dense(self, dim, name):
+    if self.init_std is None:
+      init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")  # torch default
+    else:
+      init = nn.initializers.truncated_normal(self.init_std)  # TF truncated_normal: +-2 sigma
+    return nn.Dense(dim, use_bias=self.use_bias, dtype=self.dtype, kernel_init=init,
+                    bias_init=nn.initializers.zeros, name=name)
+
+  @nn.compact
+  def __call__(self, query_features, support_features, support_labels, support_mask=None,
+               num_classes: int = None, return_attention: bool = False):
+    num_classes = _check_num_classes(num_classes)
+    if query_features.ndim != 4 or support_features.ndim != 4:
+      raise ValueError(f"CrossTransformer takes feature maps [N, h, w, D]; got query "
+                       f"{query_features.shape}, support {support_features.shape}")
+    if query_features.shape[-1] != support_features.shape[-1]:
+      raise ValueError(f"query and support channels differ: {query_features.shape} vs "
+                       f"{support_features.shape}")
+    if self.key_query_norm not in (None, "l2"):
+      raise ValueError(f"key_query_norm must be None or 'l2', got {self.key_query_norm!r}")
+    valid, _, _ = support_validity(support_labels, support_mask, num_classes)
+    support_features = _zero_padding(support_features, valid)
+
+    n_q, n_s, dim = query_features.shape[0], support_features.shape[0], query_features.shape[-1]
+    query = query_features.reshape(n_q, -1, dim)
+    support = support_features.reshape(n_s, -1, dim)
+    key_head = self._dense(self.key_dim, "tformer_keys")
+    value_head = self._dense(self.value_dim, "tformer_values")
+    keys, queries = key_head(support), key_head(query)
+    values, query_values = value_head(support), value_head(query)
+
+    if self.key_query_norm == "l2":
+      def l2(x):
+        x = x.astype(_compute_dtype(x))
+        return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), 1e-12))
+      keys, queries = l2(keys), l2(queries)
+    tau = self.temperature if self.temperature is not None else math.sqrt(self.key_dim)
+
+    fn = functools.partial(ctx_attend, keys=keys, values=values, support_labels=support_labels,
+                           valid=valid, num_classes=num_classes, scale=1.0 / tau,
+                           no_support_logit=self.no_support_logit,
+                           return_attention=return_attention, precision=self.precision)
+    chunked = self.query_chunk_size is not None and self.query_chunk_size < n_q
+    if self.remat:
+      # Inside lax.map the loop already keeps XLA from merging recomputation into the forward.
+      fn = jax.checkpoint(fn, prevent_cse=not chunked)
+    return _map_query_chunks(lambda q, w: fn(q, w), self.query_chunk_size, queries, query_values)

@@ -1,0 +1,391 @@
+"""Episodic few-shot training and evaluation (Prototypical Nets, CrossTransformers).
+
+``config.trainer = 'episodic'``. One step = one episode (support + query images through the
+backbone in one batch, so BatchNorm's running statistics move once per episode: the paper's
+"EMA decaying at .9 per episode" is BatchNorm momentum 0.9). The head is ``config.fewshot.head``:
+``protonet`` (global-average-pooled features, squared Euclidean distance to class means) or
+``ctx`` (:class:`visrep_jax.models.fewshot.CrossTransformer` on the feature map). The loss is the
+cross-entropy of the real queries; padded queries, support images and ways change nothing.
+
+Every ``eval_every_steps`` the model is evaluated on ``config.episodes.num_valid_episodes``
+episodes of the validation split; the best validation accuracy's weights are kept in
+``workdir/best`` (the paper selects its checkpoint on the 158 ILSVRC validation classes). At the
+end (and with ``eval_only``), ``num_test_episodes`` (600) test episodes per test source give the
+mean accuracy and Meta-Dataset's 95% confidence interval, written to ``workdir/fewshot_test.json``
+and printed as a table.
+
+BatchNorm at test time (``config.fewshot.bn_test_mode``): ``ema`` (running statistics, the
+paper's default) or ``support`` (statistics of the episode's support set, the Table 1 ablation).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Dict, List, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from visrep_jax import checkpoint as ckpt_lib
+from visrep_jax import config_lib, models, optim
+from visrep_jax import metrics as metrics_lib
+from visrep_jax import sharding as sharding_lib
+from visrep_jax.data import episode_pipeline as ep_lib
+from visrep_jax.data import episodes as episodes_lib
+from visrep_jax.models import fewshot
+from visrep_jax.trainers import common
+from visrep_jax.trainers.supervised import NonFiniteLossError, _log
+
+HEADS = ("protonet", "ctx")
+BN_TEST_MODES = ("ema", "support")
+
+
+def descr_config(e, fixed: bool = True) -> episodes_lib.EpisodeDescriptionConfig:
+  """``EpisodeDescriptionConfig`` from ``config.episodes`` (0 = variable for ways/shots/query)."""
+  return episodes_lib.EpisodeDescriptionConfig(
+      num_ways=e.num_ways or None, num_support=e.num_support or None,
+      num_query=e.num_query or None, min_ways=e.min_ways,
+      max_ways_upper_bound=e.max_ways_upper_bound, max_num_query=e.max_num_query,
+      max_support_set_size=e.max_support_set_size,
+      max_support_size_contrib_per_class=e.max_support_size_contrib_per_class,
+      min_log_weight=e.min_log_weight, max_log_weight=e.max_log_weight,
+      min_examples_in_class=e.min_examples_in_class)
+
+
+def normalize_images(images):
+  """The official Meta-Dataset decoder's scaling: uint8 / [0, 255] floats -> [-1, 1]."""
+  return images.astype(jnp.float32) * (2.0 / 255.0) - 1.0
+
+
+def make_head(config):
+  f = config.fewshot
+  if f.head == "protonet":
+    return None
+  return fewshot.CrossTransformer(key_dim=f.key_dim, value_dim=f.value_dim, remat=f.remat,
+                                  query_chunk_size=f.query_chunk_size or None)
+
+
+def _features(backbone, variables, images, train, bn_mask):
+  if train:
+    (_, out), upd = backbone.apply(variables, images, train=True, bn_mask=bn_mask,
+                                   mutable=["batch_stats"])
+    return out["feature_map"], upd
+  (_, out) = backbone.apply(variables, images, train=False)
+  return out["feature_map"], {}
+
+
+def episode_logits(backbone, head, params, model_state, batch, num_ways: int, n_support: int,
+                   train: bool, bn_mode: str = "ema"):
+  """Logits [Q, num_ways] of the episode's queries, and the new BatchNorm statistics."""
+  images = normalize_images(batch["images"])
+  support_mask = batch["support_mask"]
+  if train:
+    bn_mask = jnp.concatenate([support_mask, batch["query_mask"]])
+    fmap, upd = _features(backbone, {"params": params["backbone"], **model_state}, images, True,
+                          bn_mask)
+  elif bn_mode == "support":
+    bn_mask = jnp.concatenate([support_mask, jnp.zeros_like(batch["query_mask"])])
+    fmap, upd = _features(backbone, {"params": params["backbone"], **model_state}, images, True,
+                          bn_mask)
+    upd = {}
+  else:
+    fmap, upd = _features(backbone, {"params": params["backbone"], **model_state}, images, False,
+                          None)
+  sup, qry = fmap[:n_support], fmap[n_support:]
+  labels = batch["support_labels"]
+  if head is None:
+    logits = fewshot.prototypical_logits(qry, sup, labels, support_mask, num_ways)
+  else:
+    logits = head.apply({"params": params["head"]}, qry, sup, labels, support_mask,
+                        num_classes=num_ways)
+  return logits.astype(jnp.float32), upd
+
+
+def episode_loss_and_accuracy(logits, batch):
+  labels = batch["query_labels"]
+  mask = batch["query_mask"] & (labels >= 0)
+  w = mask.astype(jnp.float32)
+  n = jnp.maximum(w.sum(), 1.0)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
+  loss = jnp.sum(ce * w) / n
+  acc = jnp.sum((jnp.argmax(logits, -1) == labels) * w) / n
+  return loss, acc
+
+
+def build(config: ml_collections.ConfigDict, devices=None, shapes: Optional[Any] = None):
+  devices = jax.devices() if devices is None else list(devices)
+  config_lib.validate(config, num_devices=len(devices))
+  mesh = sharding_lib.make_mesh(config.mesh, devices)
+  e, f = config.episodes, config.fewshot
+  if e.prepare_mini:
+    from visrep_jax.data import md_mini
+    md_mini.build_mini_benchmark(e.data_dir, e.mini_max_images_per_class or None)
+  dc = descr_config(e)
+  size = e.image_size
+  common_kw = dict(channels=e.channels, cache_bytes=int(e.cache_gb * (1 << 30)))
+  train_sources = ep_lib.open_sources(
+      e.data_dir, e.train_sources, "train", dc, size, use_hierarchy=True,
+      ignore_hierarchy_probability=e.ignore_hierarchy_probability, **common_kw)
+  augment = None
+  if e.augment and e.augment != "none":
+    from visrep_jax.data import episode_augment
+    augment = episode_augment.parse(e.augment)
+  shp = train_sources[0].shapes
+  for s in train_sources[1:]:
+    shp = shp.union(s.shapes)
+  if shapes is not None:
+    shp = shp.union(shapes)
+  # A SimCLR episode has one way per support image.
+  simclr = "simclr" in (e.augment or "")
+  num_ways = max(shp.ways, shp.support) if simclr else shp.ways
+  shp = ep_lib.EpisodeShapes(num_ways, shp.support, shp.query)
+
+  backbone = models.create(config.model.name, num_classes=0, **config_lib.model_overrides(config))
+  head = make_head(config)
+  n_img = shp.support + shp.query
+  image_shape = (size, size, e.channels)
+  total_steps = int(config.total_steps)
+  lr_fn = optim.make_schedule(config, total_steps, max(total_steps, 1))
+
+  def init(rng):
+    r1, r2 = jax.random.split(rng)
+    v = backbone.init({"params": r1, "dropout": r1}, jnp.zeros((2,) + image_shape), train=False)
+    params = {"backbone": v.pop("params")}
+    if head is not None:
+      fm = backbone.apply(v | {"params": params["backbone"]}, jnp.zeros((2,) + image_shape),
+                          train=False)[1]["feature_map"]
+      params["head"] = head.init(r2, fm[:1], fm, jnp.zeros((2,), jnp.int32),
+                                 jnp.ones((2,), bool), num_classes=2)["params"]
+    return params, dict(v)
+
+  rng = jax.random.PRNGKey(config.seed)
+  r_init, r_train = jax.random.split(rng)
+  abstract_params, _ = jax.eval_shape(init, r_init)
+  tx = optim.make_optimizer(config, abstract_params, total_steps, max(total_steps, 1))[0]
+
+  def init_state(rng):
+    params, model_state = init(rng)
+    return common.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                             opt_state=tx.init(params), model_state=model_state)
+
+  abstract = jax.eval_shape(init_state, r_init)
+  state_shardings = sharding_lib.state_shardings(abstract, mesh, config.sharding)
+  state = jax.jit(init_state, out_shardings=state_shardings)(r_init)
+  # Images split over the devices when the padded count allows it; the rest replicated.
+  data_axis = mesh.axis_names[0]
+  img_spec = P(data_axis) if n_img % mesh.shape[data_axis] == 0 else P()
+  batch_shardings = {"images": NamedSharding(mesh, img_spec)}
+  for k in ("support_labels", "support_mask", "query_labels", "query_mask"):
+    batch_shardings[k] = NamedSharding(mesh, P())
+
+  def train_step(state, batch):
+    def loss_fn(params):
+      logits, upd = episode_logits(backbone, head, params, state.model_state, batch, num_ways,
+                                   shp.support, train=True)
+      loss, acc = episode_loss_and_accuracy(logits, batch)
+      return loss, (acc, upd)
+    (loss, (acc, upd)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new = state.replace(step=state.step + 1,
+                        params=keep(optax.apply_updates(state.params, updates), state.params),
+                        opt_state=keep(opt_state, state.opt_state),
+                        model_state=keep(dict(upd), state.model_state))
+    return new, {"loss": loss, "accuracy": acc, "grad_norm": optax.global_norm(grads)}
+
+  def eval_step(state, batch):
+    logits, _ = episode_logits(backbone, head, state.params, state.model_state, batch, num_ways,
+                               shp.support, train=False, bn_mode=f.bn_test_mode)
+    return episode_loss_and_accuracy(logits, batch)
+
+  jit_train = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
+                      out_shardings=(state_shardings, NamedSharding(mesh, P())),
+                      donate_argnums=(0,))
+  jit_eval = jax.jit(eval_step, in_shardings=(state_shardings, batch_shardings))
+  return dict(mesh=mesh, backbone=backbone, head=head, state=state,
+              state_shardings=state_shardings, batch_shardings=batch_shardings, tx=tx,
+              lr_fn=lr_fn, train_sources=train_sources, augment=augment, shapes=shp,
+              num_ways=num_ways, train_step=jit_train, eval_step=jit_eval, total_steps=total_steps,
+              descr_config=dc, rng=r_train)
+
+
+def device_batch(episode: Dict[str, np.ndarray], shardings) -> Dict[str, jax.Array]:
+  """The host episode as global arrays (every process holds the whole episode)."""
+  out = {}
+  for k, sh in shardings.items():
+    x = np.asarray(episode[k])
+    out[k] = jax.make_array_from_callback(x.shape, sh, lambda idx, x=x: x[idx])
+  return out
+
+
+def evaluate_episodes(b, state, sources: List[ep_lib.EpisodeSource], num_episodes: int,
+                      seed: int, progress: bool = False) -> Dict[str, Dict[str, float]]:
+  """``{source: {accuracy, ci95, loss, episodes}}`` over ``num_episodes`` fixed episodes each
+  (episode i of a source is the same for every model and every call)."""
+  results = {}
+  for src in sources:
+    stream = ep_lib.EpisodeStream([src], seed=seed, shapes=b["shapes"], prefetch=2)
+    accs, losses = [], []
+    for i in range(num_episodes):
+      ep = next(stream)
+      loss, acc = b["eval_step"](state, device_batch(ep, b["batch_shardings"]))
+      accs.append(acc)
+      losses.append(loss)
+      if progress and (i + 1) % 100 == 0:
+        _log("  %s: %d/%d episodes", src.name, i + 1, num_episodes)
+    stream.close()
+    accs = np.asarray(jax.device_get(accs), np.float64)
+    results[src.name] = {"accuracy": float(accs.mean()),
+                         "ci95": ep_lib.confidence_interval(accs),
+                         "loss": float(np.mean(jax.device_get(losses))),
+                         "episodes": int(num_episodes)}
+  return results
+
+
+def format_results(results: Dict[str, Dict[str, float]], title: str) -> str:
+  lines = [f"| {title} | accuracy (%) | 95% CI | episodes |", "|---|---|---|---|"]
+  for name, r in results.items():
+    lines.append(f"| {name} | {100 * r['accuracy']:.2f} | +-{100 * r['ci95']:.2f} | "
+                 f"{r['episodes']} |")
+  return "\n".join(lines)
+
+
+def _open_eval_sources(config, split: str, names, shapes) -> List[ep_lib.EpisodeSource]:
+  e = config.episodes
+  dc = descr_config(e)
+  out = []
+  for n in names:
+    src = ep_lib.EpisodeSource(os.path.join(e.data_dir, n), split, dc, e.image_size,
+                               channels=e.channels, use_hierarchy=True,
+                               ignore_hierarchy_probability=0.0,
+                               cache_bytes=int(e.cache_gb * (1 << 30)))
+    if (src.shapes.ways > shapes.ways or src.shapes.support > shapes.support
+        or src.shapes.query > shapes.query):
+      raise config_lib.ConfigError(
+          f"Evaluation episodes of {n} ({src.shapes}) exceed the training shapes ({shapes}); "
+          "use the same config.episodes limits for every source.")
+    out.append(src)
+  return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+  os.makedirs(workdir, exist_ok=True)
+  b = build(config)
+  state = b["state"]
+  e = config.episodes
+  writer = metrics_lib.MetricWriter(workdir)
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+  best_ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "best"), keep=1, async_save=False)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as fh:
+      fh.write(config.to_json_best_effort(indent=2))
+
+  start = 0
+  latest = ckpt.latest_step()
+  if latest is not None:
+    abstract = ckpt_lib.abstract_with_shardings(state, b["state_shardings"])
+    state, _ = ckpt.restore(abstract, latest)
+    start = int(jax.device_get(state.step))
+    _log("Resumed from %s at episode %d.", ckpt.directory, start)
+  elif config.init_checkpoint:
+    abstract = ckpt_lib.abstract_with_shardings(state.params["backbone"],
+                                                b["state_shardings"].params["backbone"])
+    abstract_ms = ckpt_lib.abstract_with_shardings(state.model_state,
+                                                   b["state_shardings"].model_state)
+    params, model_state = ckpt_lib.load_variables(config.init_checkpoint, abstract, abstract_ms,
+                                                  adapt_head=True)
+    state = state.replace(params=dict(state.params, backbone=params),
+                          model_state=model_state or state.model_state)
+    _log("Initialised the backbone from %s.", config.init_checkpoint)
+
+  valid_names = list(e.valid_sources)
+  valid = _open_eval_sources(config, "valid", valid_names, b["shapes"]) if valid_names else []
+  best_path = os.path.join(workdir, "best_valid.json")
+  best = json.load(open(best_path)) if os.path.exists(best_path) else {"accuracy": -1.0}
+
+  def run_valid(step):
+    nonlocal best
+    res = evaluate_episodes(b, state, valid, e.num_valid_episodes, seed=e.eval_seed + 1)
+    acc = float(np.mean([r["accuracy"] for r in res.values()]))
+    scalars = {f"valid/{k}_accuracy": r["accuracy"] for k, r in res.items()}
+    scalars["valid/accuracy"] = acc
+    writer.write_scalars(step, scalars)
+    _log("episode %d  validation accuracy %.4f (%s)", step, acc,
+         ", ".join(f"{k} {r['accuracy']:.4f}" for k, r in res.items()))
+    if acc > best["accuracy"]:
+      best = {"accuracy": acc, "step": int(step)}
+      best_ckpt.save(step, state, {"step": int(step), "valid_accuracy": acc}, force=True)
+      if jax.process_index() == 0:
+        with open(best_path, "w") as fh:
+          json.dump(best, fh)
+
+  total = b["total_steps"]
+  if not config.eval_only and start < total:
+    stream = ep_lib.EpisodeStream(b["train_sources"], seed=config.seed, start=start,
+                                  augment=b["augment"], shapes=b["shapes"], prefetch=2)
+    _log("Episodic training (%s head) of %s on %s: %d episodes, padded to %d ways, %d support, "
+         "%d query images, workdir %s", config.fewshot.head, config.model.name,
+         ",".join(e.train_sources), total, b["num_ways"], b["shapes"].support,
+         b["shapes"].query, workdir)
+    pending, t0 = [], time.time()
+    step = start
+    while step < total:
+      ep = next(stream)
+      state, m = b["train_step"](state, device_batch(ep, b["batch_shardings"]))
+      step += 1
+      pending.append(m)
+      if step % config.log_every_steps == 0 or step == total:
+        stats = jax.device_get(pending)
+        pending = []
+        loss = float(np.mean([s["loss"] for s in stats]))
+        if not np.isfinite(loss):
+          raise NonFiniteLossError(f"Non-finite loss at episode {step}; the update was skipped "
+                                   "and the last checkpoint is intact: lower the learning rate.")
+        scalars = {"train/loss": loss,
+                   "train/accuracy": float(np.mean([s["accuracy"] for s in stats])),
+                   "train/grad_norm": float(np.mean([s["grad_norm"] for s in stats])),
+                   "train/lr": float(b["lr_fn"](step - 1)),
+                   "train/episodes_per_sec": len(stats) / max(time.time() - t0, 1e-9)}
+        t0 = time.time()
+        writer.write_scalars(step, scalars)
+        _log("episode %d/%d  loss %.4f  accuracy %.4f  lr %.3g  %.2f episodes/s", step, total,
+             loss, scalars["train/accuracy"], scalars["train/lr"],
+             scalars["train/episodes_per_sec"])
+      if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+        ckpt.save(step, state, {"step": step})
+      if valid and config.eval_every_steps and step % config.eval_every_steps == 0:
+        run_valid(step)
+    stream.close()
+    ckpt.save(total, state, {"step": total}, force=True)
+    if valid and (not config.eval_every_steps or total % config.eval_every_steps):
+      run_valid(total)
+  ckpt.wait()
+
+  test_state = state
+  if valid and best_ckpt.latest_step() is not None and e.test_best:
+    abstract = ckpt_lib.abstract_with_shardings(state, b["state_shardings"])
+    test_state, _ = best_ckpt.restore(abstract, best_ckpt.latest_step())
+    _log("Testing the best validation checkpoint (episode %d, accuracy %.4f).",
+         best_ckpt.latest_step(), best["accuracy"])
+  test = _open_eval_sources(config, "test", list(e.test_sources), b["shapes"])
+  results = evaluate_episodes(b, test_state, test, e.num_test_episodes, seed=e.eval_seed,
+                              progress=config.progress_bar)
+  writer.write_scalars(total, {f"test/{k}_accuracy": r["accuracy"] for k, r in results.items()})
+  table = format_results(results, f"{config.fewshot.head} test source")
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "fewshot_test.json"), "w") as fh:
+      json.dump({"results": results, "best_valid": best,
+                 "bn_test_mode": config.fewshot.bn_test_mode}, fh, indent=2)
+  _log("Test episodes (%d per source, BN %s):\n%s", e.num_test_episodes,
+       config.fewshot.bn_test_mode, table)
+  ckpt.close()
+  best_ckpt.close()
+  writer.close()
+  return results
