@@ -70,12 +70,13 @@ def use_mini_benchmark(c, data_dir: str, max_images_per_class=None):
   e.max_support_set_size = 100
   e.max_support_size_contrib_per_class = 20
   e.ignore_hierarchy_probability = 0.0
-  # A ResNet-18 for 28x28 inputs: 3x3 stem without pooling, stride 2 in layers 2 and 3, the last
-  # stage dilated, so the heads see a 7x7 map (CTX) / its average (ProtoNets).
+  # A ResNet-18 of width 16 for 28x28 inputs: 3x3/2 stem without pooling (14x14), stride 2 in
+  # layers 2 and 3, the last stage dilated, so the heads see a 4x4 map (CTX) / its average
+  # (ProtoNets). About 0.1 s per episode on 2 CPU cores.
   c.model.name = "resnet18"
-  c.model.width = 32
+  c.model.width = 16
   c.model.stem_kernel = 3
-  c.model.stem_stride = 1
+  c.model.stem_stride = 2
   c.model.stem_pool = False
   c.model.replace_stride_with_dilation = (False, False, True)
   return c
@@ -128,11 +129,12 @@ def get_config(arg=None):
 
   if args.mini or args.runlocal:
     use_mini_benchmark(c, args.data or MINI_DIR)
-    c.total_steps = args.episodes or 2000
-    c.eval_every_steps = 500
-    c.checkpoint_every_steps = 500
+    c.total_steps = args.episodes or 1000
+    c.eval_every_steps = 250
+    c.checkpoint_every_steps = 250
     c.log_every_steps = 50
     c.schedule.decay_steps = max(decay_every // 5, 1)
+    c.fewshot.query_chunk_size = 0
   if args.runlocal:
     c.episodes.data_dir = args.data or os.path.join("workdirs", "md_mini_runlocal")
     c.episodes.mini_max_images_per_class = 40

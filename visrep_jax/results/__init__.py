@@ -11,6 +11,11 @@ params, ...) and one value per metric column (null where the thesis prints "-").
 ``scripts/reproduce.py`` evaluates a checkpoint and prints its top-1 beside these numbers; the
 recipe configs quote them in their docstrings as ``83.1 [deit3_in1k/b_400ep]``, which
 ``tests/test_recipes.py`` checks against these files.
+
+Tables of a paper rather than the thesis (the CrossTransformers ``ctx_table*``) say so in
+``source`` (``thesis_tables`` / ``thesis_lines`` are then that paper's table number and the lines
+of its text), print ``decimals`` digits, and may give a confidence interval for column ``c`` in
+the row field ``c + '_ci'`` (:meth:`Table.ci`; ``scripts/fewshot_table.py`` prints them).
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ class Table:
   columns: Dict[str, Dict[str, Any]]
   notes: List[str]
   rows: List[Dict[str, Any]]
+  source: str = "thesis"            # whose tables: "thesis" or the paper's name
+  decimals: int = 1                 # digits printed by format()
 
   def keys(self) -> List[str]:
     return [r["key"] for r in self.rows]
@@ -54,6 +61,12 @@ class Table:
       raise UnknownNameError(unknown_name_message(f"column of table {self.name!r}", column,
                                                   self.columns))
     return self.row(key).get(column)
+
+  def ci(self, key: str, column: Optional[str] = None) -> Optional[float]:
+    """The confidence interval printed with ``value(key, column)`` (None when there is none)."""
+    column = column or self.primary
+    self.value(key, column)  # checks the row and the column
+    return self.row(key).get(column + "_ci")
 
   def rows_for_model(self, model: str) -> List[Dict[str, Any]]:
     return [r for r in self.rows if r.get("model") == model]
@@ -73,15 +86,19 @@ class Table:
       if v is None:
         return "-"
       if isinstance(v, float):
-        return f"{v:.1f}" if abs(v) >= 1 or v == 0 else f"{v:.3g}"
+        return f"{v:.{self.decimals}f}" if abs(v) >= 1 or v == 0 else f"{v:.3g}"
       return str(v)
 
+    def fmt_ci(r, c):
+      ci = r.get(c + "_ci")
+      return fmt(r.get(c)) + ("" if ci is None or r.get(c) is None else f"±{ci:.{self.decimals}f}")
+
     body = [[r["key"], r["label"], r.get("model") or "-", fmt(r.get("resolution")),
-             fmt(r.get("crop_ratio"))] + [fmt(r.get(c)) for c in columns]
+             fmt(r.get("crop_ratio"))] + [fmt_ci(r, c) for c in columns]
             + [fmt(extra.get(r["key"], {}).get(h)) for h in extra_headers] for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
-    title = (f"{self.name}: {self.title}\n(thesis Table {', '.join(self.thesis_tables)}, "
+    title = (f"{self.name}: {self.title}\n({self.source} Table {', '.join(self.thesis_tables)}, "
              f"{self.thesis_lines}; {self.metric})")
     return "\n".join([title, line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
 
