@@ -44,7 +44,9 @@ Arguments (``--config=configs/deit3.py:variant=B,runlocal``):
   res=N                  training resolution (224; e.g. 192 / 160 for the low-resolution runs
                          of Table 6.6; the fine-tuning's target resolution).
   demo                   small ViT on Fashion-MNIST (offline), ~7 minutes on 2 CPU cores, ~0.88 top-1.
-  fashion_mnist          same as demo.
+  fashion_mnist          same as demo. (A patch-4 variant -- 49 tokens, same blocks, random crop +
+                         flip, AdamW 2e-3 at batch 128, 11 epochs -- reached only 0.8742 in 54.4
+                         CPU-minutes, below the demo: the issue's 0.92 is not reached yet.)
   runlocal               a few steps on synthetic data (smoke test).
   epochs=N               override the number of epochs (also adapts drop path as in the thesis).
   init=DIR               start from a checkpoint: a workdir or `python -m visrep_jax.convert --out`.
@@ -234,22 +236,6 @@ def get_config(arg=None):
     c.log_every_steps = 100
     c.eval_every_steps = 2000
     c.checkpoint_every_steps = 2000
-  if args.fashion_mnist and not args.demo:
-    # The issue-4 target run (>= 0.92 within 60 CPU-minutes): the demo's block at patch 4 (49
-    # tokens instead of 16: Fashion-MNIST's classes differ in fine detail), simple random crop
-    # (pad 2) + flip, batch 128, 11 epochs.
-    c.model.name = "deit3_fmnist_patch4_28"
-    c.model.drop_path_rate = 0.05
-    config_lib.use_fashion_mnist(
-        c, "decode(1)|random_crop(28, pad=2, pad_mode='constant')|flip_lr|"
-        "normalize('fashion_mnist')")
-    c.batch_size = 128
-    c.total_epochs = 11.0
-    c.optimizer.lr = 2e-3
-    c.schedule.warmup_epochs = 0.5
-    c.eval_every_steps = 938
-    c.checkpoint_every_steps = 938
-    c.progress_bar = False
 
   c.eval_only = args.eval_only
   c.init_checkpoint = args.init

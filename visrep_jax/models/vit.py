@@ -214,10 +214,6 @@ for (_size, _res), _meta in _DEIT3_META.items():
 register_model("deit3_demo_patch7_28", VisionTransformer, img_size=28, patch_size=7,
                embed_dim=128, depth=4, num_heads=4, mlp_ratio=2.0, layerscale_init=0.1,
                pos_embed_cls_slot=False, drop_path_uniform=True, num_classes=10)
-# The same block at patch 4 (7x7 grid, 49 tokens): the `fashion_mnist` target run of deit3.py.
-register_model("deit3_fmnist_patch4_28", VisionTransformer, img_size=28, patch_size=4,
-               embed_dim=128, depth=4, num_heads=4, mlp_ratio=2.0, layerscale_init=0.1,
-               pos_embed_cls_slot=False, drop_path_uniform=True, num_classes=10)
 # A few-parameter model for unit tests.
 register_model("vit_test_patch4_16", VisionTransformer, img_size=16, patch_size=4, embed_dim=32,
                depth=2, num_heads=2, mlp_ratio=2.0, layerscale_init=1e-1, num_classes=10)
