@@ -203,3 +203,10 @@ def test_valid_and_test_episodes_read_their_own_classes(mini_dir):
         homes = {next(cid for cid in ids if ep["images"][offset + k].tobytes() in own[cid])
                  for k in np.flatnonzero(mask & (labels == lab))}
         assert len(homes) == 1
+
+
+def test_missing_source_is_a_data_error_main_prints_as_one_line(tmp_path):
+  from visrep_jax.data import DataError
+  c = load_config("ctx", "variant=ctx,runlocal")
+  with pytest.raises(DataError, match="does not exist: convert the source first"):
+    ep_lib.EpisodeSource(str(tmp_path / "nope"), "train", episodic.descr_config(c.episodes), 28)

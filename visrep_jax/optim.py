@@ -258,23 +258,13 @@ def sgd(lr, weight_decay, mask, momentum=0.9, nesterov=False, **unused):
                      optax.sgd(lr, momentum=momentum or None, nesterov=nesterov))
 
 
-def normalize_by_global_norm(eps: float = 1e-12) -> optax.GradientTransformation:
-  """``g / max(||g||_2, eps)`` with the L2 norm over all parameters: normalised (stochastic)
-  gradient descent, every step has a unit-norm gradient."""
-  def update(updates, state, params=None):
-    del params
-    norm = optax.global_norm(updates)
-    scale = 1.0 / jnp.maximum(norm, eps)
-    return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
-
-
 @OPTIMIZERS.register("normalized_adam")
 def normalized_adam(lr, weight_decay, mask, b1=0.9, b2=0.999, eps=1e-8, **unused):
   """CrossTransformers' optimizer (L361-363, L657): the gradient of loss + L2 penalty
   (``weight_decay * w`` added to the gradient, as Meta-Dataset's ``l2_regularizer`` loss term:
   coupled, not AdamW's decoupled decay), normalised to unit global L2 norm, then Adam."""
-  return optax.chain(optax.add_decayed_weights(weight_decay, mask), normalize_by_global_norm(),
+  return optax.chain(optax.add_decayed_weights(weight_decay, mask),
+                     optax.normalize_by_update_norm(scale_factor=1.0, eps=1e-12),
                      optax.adam(lr, b1=b1, b2=b2, eps=eps))
 
 

@@ -31,12 +31,14 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
+from visrep_jax.data import DataError
 from visrep_jax.data import episodes as episodes_lib
 from visrep_jax.data import meta_dataset as md
 
 
-class EpisodeError(ValueError):
-  """A configuration or data problem of the episode pipeline (one line, says what to do)."""
+class EpisodeError(DataError):
+  """A configuration or data problem of the episode pipeline (one line, says what to do;
+  ``python -m visrep_jax.main`` prints it as ``error: ...`` without a traceback)."""
 
 
 def episode_seed(seed: int, index: int, salt: int = 0) -> int:

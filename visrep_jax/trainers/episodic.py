@@ -308,7 +308,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   valid_names = list(e.valid_sources)
   valid = _open_eval_sources(config, "valid", valid_names, b["shapes"]) if valid_names else []
   best_path = os.path.join(workdir, "best_valid.json")
-  best = json.load(open(best_path)) if os.path.exists(best_path) else {"accuracy": -1.0}
+  best = {"accuracy": -1.0}
+  if os.path.exists(best_path):
+    try:
+      with open(best_path) as fh:
+        best = {"accuracy": float(json.load(fh)["accuracy"])}
+    except (ValueError, KeyError, TypeError):
+      _log("%s is unreadable; the best-validation record restarts (the checkpoints are kept).",
+           best_path)
 
   def run_valid(step):
     nonlocal best
