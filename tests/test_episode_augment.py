@@ -303,3 +303,13 @@ def test_parse_and_registered_image_ops():
   res = pp({"image": tf.constant(OP_IMAGE)}, tf.constant([1, 2]))
   assert res["image"].shape == OP_IMAGE.shape
   assert -1.0 <= float(tf.reduce_min(res["image"])) <= float(tf.reduce_max(res["image"])) <= 1.0
+
+
+def test_ops_known_without_importing_episode_augment():
+  """A config naming simclr_augment / bohb_augment works after importing preprocess alone."""
+  import subprocess
+  import sys
+  code = ("from visrep_jax.data import preprocess; "
+          "preprocess.parse('bohb_augment(prob=1.0)|simclr_augment(blur=True)'); print('ok')")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

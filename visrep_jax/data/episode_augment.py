@@ -24,7 +24,7 @@ keys are passed through; ``query_class_ids`` is rewritten in SimCLR episodes whe
 
 Config names: ``EPISODE_AUGMENT`` maps names to episode-level factories (``parse`` reads
 ``"simclr_episodes(prob=0.5, md_augment='bohb')"``); the per-image ops ``bohb_augment`` and
-``simclr_augment`` are also registered in ``preprocess.OPS`` once this module is imported.
+``simclr_augment`` are registered in ``preprocess.OPS`` (``preprocess`` imports this module).
 
 Decisions on what the paper leaves open (paper line numbers as in shared/spec/crosstransformers.md):
 

@@ -546,5 +546,8 @@ def normalize(mean="imagenet", std=None):
   return image_op(fn)
 
 
-# RandAugment and random erasing register their ops here; imported last, as it uses this module.
+# RandAugment and random erasing (augment), SimCLR views and the BOHB-style policy
+# (episode_augment) register their ops here; imported last, as they use this module. Every op
+# name a config can use is then known as soon as ``preprocess`` is imported.
 from visrep_jax.data import augment  # noqa: E402,F401
+from visrep_jax.data import episode_augment  # noqa: E402,F401
