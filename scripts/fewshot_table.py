@@ -90,6 +90,7 @@ def infer_row(config: Dict[str, Any], bn_test_mode: Optional[str] = None) -> Tup
   if head == "ctx":
     key = "ctx14" if dilated else "ctx7"
     key += "_scaug" * sc_aug + "_simclr" * simclr + "_aug" * bohb
+    key += "_lr" * bool(f.get("lr_head"))  # test-time LR on pooled features (CTX + 5 LR)
     key += "_support" * (bn == "support")  # not in the paper: CTX results use EMA
   else:
     key = "protonet"
@@ -99,6 +100,7 @@ def infer_row(config: Dict[str, Any], bn_test_mode: Optional[str] = None) -> Tup
     key += "_ema" * (bn == "ema")
   why = (f"fewshot.head={head}, " + (f"last stage {'dilated' if dilated else 'stride 32'}, "
                                      if head == "ctx" else "")
+         + ("fewshot.lr_head=True, " if f.get("lr_head") else "")
          + f"episodes.augment={augment!r}, bn_test_mode={bn}")
   return key, why
 

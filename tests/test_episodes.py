@@ -668,3 +668,12 @@ def test_pad_episode_errors():
   bad = EpisodeIndices(idx.support_classes, idx.support_images, np.array([3, 9]), np.array([0, 1]))
   with pytest.raises(ValueError, match="no support"):
     pad_episode(bad, 10, 10, 5)
+
+
+def test_reseed_replays_the_same_descriptions():
+  sampler = EpisodeDescriptionSampler(FLAT, "train", episode_sampling_seed=5)
+  first = [sampler.sample_episode_description() for _ in range(3)]
+  sampler.reseed(5)
+  assert [sampler.sample_episode_description() for _ in range(3)] == first
+  sampler.reseed(6)
+  assert [sampler.sample_episode_description() for _ in range(3)] != first

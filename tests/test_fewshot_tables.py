@@ -146,13 +146,13 @@ def run_table(*argv):
 
 
 def _workdir(path, head="ctx", dilated=True, augment="none", bn="ema", results_=None,
-             config=True):
+             config=True, lr_head=False):
   os.makedirs(path, exist_ok=True)
   if config:
     cfg = {"trainer": "episodic",
            "model": {"name": "resnet34", "replace_stride_with_dilation": [False, False, dilated]},
            "episodes": {"augment": augment, "image_size": 224},
-           "fewshot": {"head": head, "bn_test_mode": bn}}
+           "fewshot": {"head": head, "bn_test_mode": bn, "lr_head": lr_head}}
     with open(os.path.join(path, "config.json"), "w") as f:
       json.dump(cfg, f)
   if results_ is not None:
@@ -199,6 +199,8 @@ def test_fewshot_table_infers_the_paper_row(tmp_path):
      "protonet_simclr", "53.69 ± 1.07"),
     (dict(dilated=False), "ctx7", "58.65 ± 1.04"),
     (dict(augment="simclr_episodes(prob=0.5)"), "ctx14_simclr", "61.54 ± 1.01"),
+    (dict(augment="simclr_episodes(prob=0.5, md_augment='bohb')", lr_head=True),
+     "ctx14_simclr_aug_lr", "60.82 ± 1.03"),
     (dict(head="protonet", dilated=False, augment="sc_aug"), "protonet_scaug_ema", "47.58"),
 ])
 def test_fewshot_table_rows_by_config(tmp_path, kw, key, ilsvrc):

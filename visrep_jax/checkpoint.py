@@ -66,7 +66,8 @@ def load_variables(path: str, abstract_params: Any, abstract_model_state: Any = 
                    init_params: Any = None) -> Tuple[Any, Any]:
   """Loads ``(params, model_state)`` for ``init_checkpoint`` onto the abstract shapes/shardings.
 
-  ``path``: a training workdir, its ``checkpoints`` dir or a step dir (the train state's
+  ``path``: a training workdir (its ``best`` checkpoint when the trainer kept one: the linear
+  probe's or the few-shot validation's choice), its ``checkpoints`` dir or a step dir (the train state's
   ``params`` / ``model_state`` are used), or the output of ``python -m visrep_jax.convert``
   (``variables/`` with ``params`` and e.g. ``batch_stats``). ``model_state`` is ``{}`` when the
   model has none; a model with BatchNorm statistics requires them in the checkpoint.
@@ -85,6 +86,12 @@ def load_variables(path: str, abstract_params: Any, abstract_model_state: Any = 
   Any other mismatch raises ``ValueError`` naming the parameters.
   """
   path = os.path.abspath(path)
+  best = os.path.join(path, "best")  # a workdir whose trainer kept a model-selection best
+  has_steps = lambda d: os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+  if has_steps(best) or has_steps(os.path.join(best, "checkpoints")):
+    logging.warning("init_checkpoint %s: using its selected checkpoint %s (pass %s/checkpoints "
+                    "for the last one)", path, best, path)
+    path = best
   for d in (path, os.path.join(path, "checkpoints")):
     if os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d)):
       step = max(int(n) for n in os.listdir(d) if n.isdigit())

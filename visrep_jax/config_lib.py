@@ -169,6 +169,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.episodes.test_best = True      # test the best validation checkpoint (else the last)
   c.episodes.cache_gb = 4.0        # decoded images kept in memory per source
   c.episodes.prepare_mini = False  # build the mini benchmark (data.md_mini) in data_dir if missing
+                                   # (the supervised trainer: in dataset.data_dir)
   c.episodes.mini_max_images_per_class = 0  # its cap (0: all images)
 
   c.fewshot = ml_collections.ConfigDict()
@@ -178,6 +179,26 @@ def base_config() -> ml_collections.ConfigDict:
   c.fewshot.remat = True           # ctx: recompute the attention in the backward pass
   c.fewshot.query_chunk_size = 0   # ctx: queries per attention chunk (0: all at once)
   c.fewshot.bn_test_mode = "ema"   # ema (running statistics) | support (support-set statistics)
+  # CrossTransformers "+LR" (trainers/episodic.py): at evaluation, a logistic regression on the
+  # support set's pooled l2-normalised features; prediction = argmax(head + lr_lambda * LR).
+  c.fewshot.lr_head = False
+  c.fewshot.lr_lambda = 5.0        # weight of the LR log-probabilities (paper: 5)
+  c.fewshot.lr_C = 10.0            # scikit-learn's C, inverse L2 strength (paper: 10)
+  c.fewshot.lr_max_iter = 1000     # its lbfgs iterations (not stated; Tian et al.'s code)
+  c.fewshot.aux_loss_weight = 0.0  # training: train-class CE on pooled support features (+LR: 1)
+
+  # Linear probe at every evaluation of the supervised trainer (evaluators/linear_probe.py):
+  # logistic regression on the frozen pooled features (out['pre_logits']) of dataset split
+  # fit_split, top-1 on score_split; the best weights are kept in WORKDIR/best, and training stops
+  # after `patience` evaluations in a row below the best (CrossTransformers' phase-1 early
+  # stopping: "stopping when this fine-tuning performance begins to decline").
+  c.linear_probe = ml_collections.ConfigDict()
+  c.linear_probe.fit_split = ""    # '' : off; e.g. 'valid[:50]' of a meta_dataset:<source>
+  c.linear_probe.score_split = ""  # e.g. 'valid[50:100]' (other images of the same classes)
+  c.linear_probe.C = 10.0          # scikit-learn's C, inverse L2 strength
+  c.linear_probe.l2_normalize = True
+  c.linear_probe.max_iter = 1000   # lbfgs iterations
+  c.linear_probe.patience = 0      # 0: never stop (the best is kept anyway); p: after p declines
 
   c.mesh = (("data", -1), ("fsdp", 1))  # (axis, size); -1 fills the remaining devices
   c.sharding = "replicate"         # parameter/optimizer-state rule: replicate | fsdp
@@ -207,7 +228,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
   unknown = sorted(set(config.keys()) - set(base.keys()))
   _check(not unknown, f"Unknown top-level config keys {unknown}. Valid: {', '.join(sorted(base.keys()))}.")
   for sect in ("dataset", "optimizer", "schedule", "loss", "mixup", "distill", "ema", "episodes",
-               "fewshot"):
+               "fewshot", "linear_probe"):
     bad = sorted(set(config[sect].keys()) - set(base[sect].keys()))
     _check(not bad, f"Unknown keys {bad} in config.{sect}. Valid: {', '.join(sorted(base[sect].keys()))}.")
   _choice(config.trainer, TRAINERS, "trainer")
@@ -280,6 +301,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
     _check(0.0 <= config.mixup[k] <= 1.0, f"config.mixup.{k} must be in [0, 1].")
   _validate_lr_options(config)
   _validate_distill(config)
+  _validate_linear_probe(config)
   if config.trainer == "episodic":
     _validate_episodic(config)
   decay = config.ema.decay
@@ -350,6 +372,43 @@ def _validate_episodic(config):
   except (ValueError, KeyError) as err:
     raise ConfigError(f"config.episodes.augment: {err}") from None
   _check(f.query_chunk_size >= 0, "config.fewshot.query_chunk_size must be >= 0 (0: off).")
+  _check(isinstance(f.lr_head, bool), f"config.fewshot.lr_head must be True or False, got "
+         f"{f.lr_head!r}.")
+  for key, paper in (("lr_lambda", 5), ("aux_loss_weight", 1)):
+    _check(_finite_number(f[key]) and f[key] >= 0,
+           f"config.fewshot.{key} must be a finite number >= 0 (the paper: {paper}), got "
+           f"{f[key]!r}.")
+  _check(_finite_number(f.lr_C) and f.lr_C > 0,
+         f"config.fewshot.lr_C must be a finite number > 0 (the paper: 10), got {f.lr_C!r}.")
+  _check(isinstance(f.lr_max_iter, int) and not isinstance(f.lr_max_iter, bool)
+         and f.lr_max_iter > 0,
+         f"config.fewshot.lr_max_iter must be a positive integer, got {f.lr_max_iter!r}.")
+
+
+def _finite_number(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _validate_linear_probe(config):
+  lp = config.linear_probe
+  _check(bool(lp.fit_split) == bool(lp.score_split),
+         "config.linear_probe needs both fit_split and score_split (two splits of config.dataset "
+         "with the same classes and other images, e.g. 'valid[:50]' and 'valid[50:100]'), or "
+         f"neither; got fit_split={lp.fit_split!r}, score_split={lp.score_split!r}.")
+  if not lp.fit_split:
+    return
+  _check(config.trainer == "supervised", "config.linear_probe is run by the supervised trainer "
+         f"only; clear linear_probe.fit_split for trainer={config.trainer!r}.")
+  _check(isinstance(lp.C, (int, float)) and not isinstance(lp.C, bool) and math.isfinite(lp.C)
+         and lp.C > 0, f"config.linear_probe.C must be a finite number > 0, got {lp.C!r}.")
+  for key in ("max_iter", "patience"):
+    v = lp[key]
+    _check(isinstance(v, int) and not isinstance(v, bool) and v >= (1 if key == "max_iter" else 0),
+           f"config.linear_probe.{key} must be an integer >= {1 if key == 'max_iter' else 0}, "
+           f"got {v!r}.")
+  _check(lp.patience == 0 or config.eval_every_steps > 0,
+         f"config.linear_probe.patience={lp.patience} stops on periodic evaluations: set "
+         "config.eval_every_steps > 0 (or patience=0).")
 
 
 def _validate_distill(config):

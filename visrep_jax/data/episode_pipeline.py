@@ -16,6 +16,10 @@ An episode is a dict of NumPy arrays (S / Q = padded support / query sizes, N = 
                 augmentation)
   support_labels int32 [S] in [0, N) (padding: -1);  support_mask bool [S]
   query_labels  int32 [Q] in [0, N) (padding: -1);   query_mask bool [Q]
+  support_class_ids int32 [S]: the class of each support image among the split's classes
+                (0 .. num_classes - 1, padding: -1; an :class:`EpisodeStream` of several sources
+                offsets each source's ids so they are distinct); kept by SimCLR episodes, whose
+                labels are support indices (the auxiliary train-class loss of "+LR" reads it)
   num_ways      int32 [] (real ways; a SimCLR episode has one way per support image)
   is_simclr     bool []
 """
@@ -107,6 +111,7 @@ class EpisodeSource:
     hierarchical = isinstance(self.spec, md.HierarchicalDatasetSpecification)
     bilevel = isinstance(self.spec, md.BiLevelDatasetSpecification)
     n = len(self.spec.get_classes(self.split))
+    self.num_classes = n
     if n == 0:
       raise EpisodeError(f"{self.name} has no {self.split.name.lower()} classes; pick another "
                          "split or source.")
@@ -128,8 +133,7 @@ class EpisodeSource:
   def sample(self, seed: int, shapes: Optional[EpisodeShapes] = None) -> Dict[str, np.ndarray]:
     """The episode of ``seed``, padded to ``shapes`` (default: this source's maxima)."""
     shapes = shapes or self.shapes
-    # Re-seeding the sampler's own RandomState makes episode t a function of (seed, t) alone.
-    self.sampler._rng = np.random.RandomState(seed)  # pylint: disable=protected-access
+    self.sampler.reseed(seed)  # episode t: a function of (seed, t) alone
     description = self.sampler.sample_episode_description()  # split-relative class ids
     rng = np.random.RandomState(episode_seed(seed, 0, 1))
     idx = episodes_lib.sample_episode_indices(description, self.sampler.images_per_class, rng)
@@ -149,6 +153,7 @@ class EpisodeSource:
         "query_labels": np.where(padded["query_mask"], padded["query_labels"], -1
                                  ).astype(np.int32),
         "query_mask": padded["query_mask"],
+        "support_class_ids": padded["support_classes"].astype(np.int32),  # split-relative, -1 pad
         "num_ways": np.int32(padded["num_classes"]),
         "is_simclr": np.bool_(False),
     }
@@ -162,7 +167,8 @@ def augment_episode(episode: Dict[str, np.ndarray], fn: Callable, seed: int
   ep = {"support_images": episode["images"][:s], "query_images": episode["images"][s:],
         "support_labels": np.maximum(episode["support_labels"], 0),
         "query_labels": np.maximum(episode["query_labels"], 0),
-        "support_mask": episode["support_mask"], "query_mask": episode["query_mask"]}
+        "support_mask": episode["support_mask"], "query_mask": episode["query_mask"],
+        "support_class_ids": episode["support_class_ids"]}
   out = fn(ep, np.array([seed, 0], np.int64))
   out = {k: np.asarray(v) for k, v in out.items()}
   is_simclr = bool(out["is_simclr"])
@@ -172,6 +178,9 @@ def augment_episode(episode: Dict[str, np.ndarray], fn: Callable, seed: int
       "support_mask": out["support_mask"].astype(bool),
       "query_labels": out["query_labels"].astype(np.int32),
       "query_mask": out["query_mask"].astype(bool),
+      # Support images keep their order (and class) in SimCLR episodes too.
+      "support_class_ids": np.where(out["support_mask"], out["support_class_ids"], -1
+                                    ).astype(np.int32),
       "num_ways": np.int32(int(out["support_mask"].sum()) if is_simclr else episode["num_ways"]),
       "is_simclr": np.bool_(is_simclr),
   }
@@ -180,7 +189,8 @@ def augment_episode(episode: Dict[str, np.ndarray], fn: Callable, seed: int
 class EpisodeStream:
   """Episodes ``start, start + 1, ...`` from one or more sources (chosen uniformly per episode,
   as Meta-Dataset's multi-source training), augmented, padded to the union of the sources'
-  shapes, prefetched ``prefetch`` ahead on a background thread."""
+  shapes, prefetched ``prefetch`` ahead on a background thread. ``support_class_ids`` of source
+  k are offset by the classes of sources 0..k-1: ids in [0, ``num_classes``) over the stream."""
 
   def __init__(self, sources: Sequence[EpisodeSource], seed: int, start: int = 0,
                augment: Optional[Callable] = None, prefetch: int = 2,
@@ -194,6 +204,9 @@ class EpisodeStream:
     for s in self.sources[1:]:
       shp = shp.union(s.shapes)
     self.shapes = shapes or shp
+    counts = [s.num_classes for s in self.sources]
+    self.class_offsets = np.cumsum([0] + counts[:-1])
+    self.num_classes = int(sum(counts))
     self._queue: "queue.Queue" = queue.Queue(maxsize=max(prefetch, 1))
     self._stop = threading.Event()
     self._thread: Optional[threading.Thread] = None
@@ -201,9 +214,12 @@ class EpisodeStream:
 
   def episode(self, index: int) -> Dict[str, np.ndarray]:
     seed = episode_seed(self.seed, index)
-    src = self.sources[np.random.RandomState(episode_seed(self.seed, index, 2)).randint(
-        len(self.sources))] if len(self.sources) > 1 else self.sources[0]
+    k = np.random.RandomState(episode_seed(self.seed, index, 2)).randint(
+        len(self.sources)) if len(self.sources) > 1 else 0
+    src = self.sources[k]
     ep = src.sample(seed, self.shapes)
+    ids = ep["support_class_ids"]
+    ep["support_class_ids"] = np.where(ids >= 0, ids + self.class_offsets[k], -1).astype(np.int32)
     if self.augment is not None:
       ep = augment_episode(ep, self.augment, episode_seed(self.seed, index, 3))
     ep["source"] = src.name

@@ -409,6 +409,11 @@ class EpisodeDescriptionSampler:
                                            self.max_ways_upper_bound, rng)
     return sample_class_ids_uniformly(num_ways, self._filtered_rel, rng)
 
+  def reseed(self, seed: int) -> None:
+    """Restarts the sampler's RandomState from ``seed``: the next description is then a
+    function of ``seed`` alone (how the pipeline makes episode t depend on (seed, t) only)."""
+    self._rng = np.random.RandomState(seed=seed)
+
   def sample_episode_description(self) -> EpisodeDescription:
     """Official ``sample_episode_description``: ``((class_id, num_support, num_query), ...)``.
 

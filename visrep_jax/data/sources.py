@@ -14,6 +14,10 @@ Registered sources (``config.dataset.name``):
   * ``imagenet21k``, ``i_naturalist2019``
                        not in TFDS: image folders under ``data_dir`` (``<split>/<class>/<image>``);
                        see :func:`imagenet21k` and :func:`i_naturalist2019` for the layouts.
+  * ``meta_dataset:<source>``
+                       the converted records of one Meta-Dataset source (``data_dir/<source>``)
+                       as a classification dataset over one class split: splits such as
+                       ``train[5%:]:uniform`` or ``valid[:50]`` (see ``md_classification``).
 """
 
 from __future__ import annotations
@@ -374,11 +378,20 @@ def create(name: str, **kwargs) -> Source:
     return SOURCES.get(name)(**kwargs)
   if name.startswith("tfds:"):
     return TfdsSource(name[len("tfds:"):], **kwargs)
+  if name.startswith(md_classification.PREFIX):
+    return md_classification.create(name[len(md_classification.PREFIX):], **kwargs)
   if name in KNOWN_TFDS:
     return TfdsSource(name, **kwargs)
   raise UnknownNameError(unknown_name_message(
-      "dataset", name, SOURCES.names() + list(KNOWN_TFDS) + ["tfds:<any TFDS name>"]))
+      "dataset", name, SOURCES.names() + list(KNOWN_TFDS)
+      + ["tfds:<any TFDS name>", md_classification.PREFIX + "<Meta-Dataset source>"]))
 
 
 def valid_dataset_name(name: str) -> bool:
-  return name in SOURCES or name.startswith("tfds:") or name in KNOWN_TFDS
+  return (name in SOURCES or name.startswith("tfds:") or name in KNOWN_TFDS
+          or name.startswith(md_classification.PREFIX))
+
+
+# Meta-Dataset records as a classification source (and its `md_resize` preprocessing op);
+# imported last, as it subclasses Source.
+from visrep_jax.data import md_classification  # noqa: E402

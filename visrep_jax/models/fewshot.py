@@ -22,6 +22,9 @@ are the trainer's business (mask them in the loss). Logits are float32.
 * ``CrossTransformer``: spec §1.3 (L221-311, C.2 L662-678), Eqs. (1)-(3), following the official
   ``CrossTransformerLearner`` (reference_implementations.md §2.1). See the class docstring for
   the ambiguities and what was chosen.
+
+* ``logistic_regression_logits`` (host, NumPy + scikit-learn): the "+LR" variant's test-time
+  classifier on globally pooled features (spec §1.4, C.3 L680-697); see its docstring.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+import numpy as np
 
 Dtype = Any
 
@@ -303,3 +307,56 @@ class CrossTransformer(nn.Module):
       # Inside lax.map the loop already keeps XLA from merging recomputation into the forward.
       fn = jax.checkpoint(fn, prevent_cse=not chunked)
     return _map_query_chunks(lambda q, w: fn(q, w), self.query_chunk_size, queries, query_values)
+
+
+# ------------------------------------------------------------- global feature + LR (host side)
+
+
+def logistic_regression_logits(support_features, support_labels, support_mask, query_features,
+                               query_mask, num_classes: int, C: float = 10.0,
+                               max_iter: int = 1000):
+  """The "+LR" variant's logits [Q, num_classes] float64 for one episode (host, NumPy).
+
+  Features are global-average-pooled (a map [N, h, w, D] is averaged; [N, D] is used as is) and
+  l2-normalised; scikit-learn's ``LogisticRegression(C=C)`` is fitted on the real support
+  entries (mask True, label in [0, num_classes)) and applied to the real queries (spec §1.4:
+  "sklearn's implementation with a multinomial loss C=10, applied to l2-normalized features",
+  the settings of Tian et al. [77]). Padded entries are never read: they may hold anything.
+
+  Choices where the paper is silent (spec §8.11):
+  * solver 'lbfgs' and ``max_iter=1000``, Tian et al.'s code (scikit-learn fits the multinomial
+    loss for >= 3 classes; a 2-way episode gets its binary loss, the only one it offers);
+  * "logits" are the log-probabilities ``predict_log_proba``. They differ from
+    ``decision_function`` by a per-query constant (the log-partition), so
+    argmax(head + lambda * LR) is the same either way; log-probabilities also exist for 2-way
+    episodes, where ``decision_function`` has one column.
+  Classes without real support get ``NO_SUPPORT_LOGIT``; rows of padded queries are 0 in the
+  other columns. With a single support class every real query gets log-probability 0 for it
+  (nothing to fit).
+  """
+  num_classes = _check_num_classes(num_classes)
+
+  def pooled(x):
+    x = np.asarray(x, np.float64)
+    if x.ndim not in (2, 4):
+      raise ValueError(f"expected embeddings [N, D] or feature maps [N, h, w, D], got {x.shape}")
+    return x.mean(axis=(1, 2)) if x.ndim == 4 else x
+
+  def l2(x):
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+  labels = np.asarray(support_labels).astype(np.int64)
+  valid = (labels >= 0) & (labels < num_classes) & np.asarray(support_mask, bool)
+  query = pooled(query_features)
+  q_real = np.asarray(query_mask, bool)
+  out = np.zeros((query.shape[0], num_classes), np.float64)
+  classes = np.unique(labels[valid])
+  out[:, np.setdiff1d(np.arange(num_classes), classes)] = NO_SUPPORT_LOGIT
+  if classes.size < 2 or not q_real.any():
+    return out
+  from sklearn.linear_model import LogisticRegression
+  clf = LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter)
+  clf.fit(l2(pooled(support_features)[valid]), labels[valid])
+  rows = np.flatnonzero(q_real)
+  out[np.ix_(rows, clf.classes_)] = clf.predict_log_proba(l2(query[rows]))
+  return out

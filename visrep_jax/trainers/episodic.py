@@ -16,6 +16,24 @@ and printed as a table.
 
 BatchNorm at test time (``config.fewshot.bn_test_mode``): ``ema`` (running statistics, the
 paper's default) or ``support`` (statistics of the episode's support set, the Table 1 ablation).
+
+The "+LR" variant (spec crosstransformers.md §1.4, C.3 L680-697; Table 2 "CTX+SimCLR
+Eps+Aug+LR"), two independent switches:
+* ``config.fewshot.aux_loss_weight`` > 0 (the paper: 1): training adds that times the
+  cross-entropy of a persistent linear classifier over the training classes (712 for ILSVRC;
+  the classes of all training sources) on the globally average-pooled feature of every real
+  support image (``episode["support_class_ids"]``). Kept in SimCLR episodes too: their labels
+  are support indices, but each support image's class is still known and the paper excepts no
+  episode ("for each support-set image"). The head (``params/aux_head``, zero-initialised, so
+  it starts at log(classes) and sends no random gradient into the pre-trained backbone) sees
+  the raw pooled feature; it is used for nothing else.
+* ``config.fewshot.lr_head``: every evaluation episode (validation and test) fits scikit-learn's
+  logistic regression on the support set's pooled, l2-normalised features on the host
+  (:func:`visrep_jax.models.fewshot.logistic_regression_logits`: ``lr_C`` 10, lbfgs,
+  ``lr_max_iter``) and predicts argmax(head logits + ``lr_lambda`` (5) * LR log-probabilities).
+  That prediction is the reported ``accuracy`` (and selects the checkpoint); ``head_accuracy``
+  and ``lr_accuracy`` (each alone) are reported beside it, all with 95% CIs. The LR of episode
+  i runs while the device computes episode i + 1.
 """
 
 from __future__ import annotations
@@ -27,6 +45,7 @@ from typing import Any, Dict, List, Optional
 
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
 import ml_collections
 import numpy as np
 import optax
@@ -71,6 +90,13 @@ def make_head(config):
                                   query_chunk_size=f.query_chunk_size or None)
 
 
+def make_aux_head(config, num_classes: int):
+  """The "+LR" variant's persistent linear train-class classifier, or None (weight 0)."""
+  if not config.fewshot.aux_loss_weight:
+    return None
+  return nn.Dense(num_classes, kernel_init=nn.initializers.zeros, name="aux_head")
+
+
 def _features(backbone, variables, images, train, bn_mask):
   if train:
     (_, out), upd = backbone.apply(variables, images, train=True, bn_mask=bn_mask,
@@ -83,6 +109,15 @@ def _features(backbone, variables, images, train, bn_mask):
 def episode_logits(backbone, head, params, model_state, batch, num_ways: int, n_support: int,
                    train: bool, bn_mode: str = "ema"):
   """Logits [Q, num_ways] of the episode's queries, and the new BatchNorm statistics."""
+  logits, _, upd = episode_forward(backbone, head, params, model_state, batch, num_ways,
+                                   n_support, train, bn_mode)
+  return logits, upd
+
+
+def episode_forward(backbone, head, params, model_state, batch, num_ways: int, n_support: int,
+                    train: bool, bn_mode: str = "ema"):
+  """(logits [Q, num_ways], globally average-pooled features [S + Q, D] float32 (support
+  first), new BatchNorm statistics)."""
   images = normalize_images(batch["images"])
   support_mask = batch["support_mask"]
   if train:
@@ -104,7 +139,20 @@ def episode_logits(backbone, head, params, model_state, batch, num_ways: int, n_
   else:
     logits = head.apply({"params": params["head"]}, qry, sup, labels, support_mask,
                         num_classes=num_ways)
-  return logits.astype(jnp.float32), upd
+  pooled = jnp.mean(fmap.astype(jnp.float32), axis=(1, 2))
+  return logits.astype(jnp.float32), pooled, upd
+
+
+def aux_loss(aux_head, params, support_pooled, batch):
+  """Mean cross-entropy of ``aux_head`` on the pooled features [S, D] of the real support
+  images (mask True, class id >= 0) against ``support_class_ids``; 0 without any."""
+  ids = batch["support_class_ids"]
+  valid = batch["support_mask"] & (ids >= 0)
+  feats = jnp.where(valid[:, None], support_pooled, 0.0)  # padding: no NaN, no gradient
+  logits = aux_head.apply({"params": params["aux_head"]}, feats).astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(ids, 0))
+  w = valid.astype(jnp.float32)
+  return jnp.sum(ce * w) / jnp.maximum(w.sum(), 1.0)
 
 
 def episode_loss_and_accuracy(logits, batch):
@@ -148,6 +196,8 @@ def build(config: ml_collections.ConfigDict, devices=None, shapes: Optional[Any]
 
   backbone = models.create(config.model.name, num_classes=0, **config_lib.model_overrides(config))
   head = make_head(config)
+  num_train_classes = sum(s.num_classes for s in train_sources)
+  aux_head = make_aux_head(config, num_train_classes)
   n_img = shp.support + shp.query
   image_shape = (size, size, e.channels)
   total_steps = int(config.total_steps)
@@ -157,11 +207,13 @@ def build(config: ml_collections.ConfigDict, devices=None, shapes: Optional[Any]
     r1, r2 = jax.random.split(rng)
     v = backbone.init({"params": r1, "dropout": r1}, jnp.zeros((2,) + image_shape), train=False)
     params = {"backbone": v.pop("params")}
+    fm = backbone.apply(v | {"params": params["backbone"]}, jnp.zeros((2,) + image_shape),
+                        train=False)[1]["feature_map"]
     if head is not None:
-      fm = backbone.apply(v | {"params": params["backbone"]}, jnp.zeros((2,) + image_shape),
-                          train=False)[1]["feature_map"]
       params["head"] = head.init(r2, fm[:1], fm, jnp.zeros((2,), jnp.int32),
                                  jnp.ones((2,), bool), num_classes=2)["params"]
+    if aux_head is not None:
+      params["aux_head"] = aux_head.init(r2, jnp.zeros((1, fm.shape[-1])))["params"]
     return params, dict(v)
 
   rng = jax.random.PRNGKey(config.seed)
@@ -181,16 +233,20 @@ def build(config: ml_collections.ConfigDict, devices=None, shapes: Optional[Any]
   data_axis = mesh.axis_names[0]
   img_spec = P(data_axis) if n_img % mesh.shape[data_axis] == 0 else P()
   batch_shardings = {"images": NamedSharding(mesh, img_spec)}
-  for k in ("support_labels", "support_mask", "query_labels", "query_mask"):
+  for k in ("support_labels", "support_mask", "query_labels", "query_mask", "support_class_ids"):
     batch_shardings[k] = NamedSharding(mesh, P())
 
   def train_step(state, batch):
     def loss_fn(params):
-      logits, upd = episode_logits(backbone, head, params, state.model_state, batch, num_ways,
-                                   shp.support, train=True)
+      logits, pooled, upd = episode_forward(backbone, head, params, state.model_state, batch,
+                                            num_ways, shp.support, train=True)
       loss, acc = episode_loss_and_accuracy(logits, batch)
-      return loss, (acc, upd)
-    (loss, (acc, upd)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      extra = {}
+      if aux_head is not None:
+        extra["aux_loss"] = aux_loss(aux_head, params, pooled[:shp.support], batch)
+        loss = loss + f.aux_loss_weight * extra["aux_loss"]
+      return loss, (acc, upd, extra)
+    (loss, (acc, upd, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
@@ -198,18 +254,28 @@ def build(config: ml_collections.ConfigDict, devices=None, shapes: Optional[Any]
                         params=keep(optax.apply_updates(state.params, updates), state.params),
                         opt_state=keep(opt_state, state.opt_state),
                         model_state=keep(dict(upd), state.model_state))
-    return new, {"loss": loss, "accuracy": acc, "grad_norm": optax.global_norm(grads)}
+    return new, {"loss": loss, "accuracy": acc, "grad_norm": optax.global_norm(grads), **extra}
 
   def eval_step(state, batch):
-    logits, _ = episode_logits(backbone, head, state.params, state.model_state, batch, num_ways,
-                               shp.support, train=False, bn_mode=f.bn_test_mode)
-    return episode_loss_and_accuracy(logits, batch)
+    logits, pooled, _ = episode_forward(backbone, head, state.params, state.model_state, batch,
+                                        num_ways, shp.support, train=False,
+                                        bn_mode=f.bn_test_mode)
+    loss, acc = episode_loss_and_accuracy(logits, batch)
+    out = {"loss": loss, "accuracy": acc}
+    if f.lr_head:  # the host fits the LR on these
+      out.update(logits=logits, pooled=pooled)
+    return out
 
   jit_train = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
                       out_shardings=(state_shardings, NamedSharding(mesh, P())),
                       donate_argnums=(0,))
-  jit_eval = jax.jit(eval_step, in_shardings=(state_shardings, batch_shardings))
-  return dict(mesh=mesh, backbone=backbone, head=head, state=state,
+  # Replicated outputs: every process reads the whole episode's logits/features (LR on host).
+  jit_eval = jax.jit(eval_step, in_shardings=(state_shardings, batch_shardings),
+                     out_shardings=NamedSharding(mesh, P()))
+  lr = (dict(lr_lambda=float(f.lr_lambda), C=float(f.lr_C), max_iter=int(f.lr_max_iter))
+        if f.lr_head else None)
+  return dict(mesh=mesh, backbone=backbone, head=head, aux_head=aux_head, lr=lr,
+              num_train_classes=num_train_classes, state=state,
               state_shardings=state_shardings, batch_shardings=batch_shardings, tx=tx,
               lr_fn=lr_fn, train_sources=train_sources, augment=augment, shapes=shp,
               num_ways=num_ways, train_step=jit_train, eval_step=jit_eval, total_steps=total_steps,
@@ -225,34 +291,83 @@ def device_batch(episode: Dict[str, np.ndarray], shardings) -> Dict[str, jax.Arr
   return out
 
 
+def lr_episode_accuracies(episode: Dict[str, np.ndarray], head_logits, pooled, lr_lambda: float,
+                          C: float, max_iter: int) -> Dict[str, float]:
+  """Host side of "+LR" for one episode: the accuracies over its real queries of
+  argmax(head + lr_lambda * LR) (``accuracy``), of the head alone and of the LR alone.
+  ``head_logits`` [Q, N] and ``pooled`` [S + Q, D] come from the eval step; the masks and labels
+  from the host episode, so padded entries are never fitted nor counted."""
+  s = episode["support_mask"].shape[0]
+  head_logits = np.asarray(head_logits, np.float64)
+  pooled = np.asarray(pooled)
+  lr = fewshot.logistic_regression_logits(
+      pooled[:s], episode["support_labels"], episode["support_mask"], pooled[s:],
+      episode["query_mask"], num_classes=head_logits.shape[1], C=C, max_iter=max_iter)
+  labels = np.asarray(episode["query_labels"])
+  real = np.asarray(episode["query_mask"], bool) & (labels >= 0)
+  n = max(int(real.sum()), 1)
+  acc = lambda logits: float(np.sum(np.argmax(logits, -1)[real] == labels[real]) / n)
+  return {"accuracy": acc(head_logits + lr_lambda * lr), "head_accuracy": acc(head_logits),
+          "lr_accuracy": acc(lr)}
+
+
 def evaluate_episodes(b, state, sources: List[ep_lib.EpisodeSource], num_episodes: int,
                       seed: int, progress: bool = False) -> Dict[str, Dict[str, float]]:
   """``{source: {accuracy, ci95, loss, episodes}}`` over ``num_episodes`` fixed episodes each
-  (episode i of a source is the same for every model and every call)."""
+  (episode i of a source is the same for every model and every call). With ``lr_head``,
+  ``accuracy`` is that of head + lambda * LR, and ``head_accuracy``/``head_ci95``,
+  ``lr_accuracy``/``lr_ci95`` are added; ``loss`` is always the head's."""
+  lr = b.get("lr")
   results = {}
   for src in sources:
     stream = ep_lib.EpisodeStream([src], seed=seed, shapes=b["shapes"], prefetch=2)
-    accs, losses = [], []
+    accs: Dict[str, list] = {"accuracy": [], "head_accuracy": [], "lr_accuracy": []}
+    losses = []
+
+    def finish(ep, out):
+      losses.append(out["loss"])
+      if lr is None:
+        accs["accuracy"].append(out["accuracy"])  # stays on device: no sync per episode
+        return
+      host = jax.device_get({"logits": out["logits"], "pooled": out["pooled"]})
+      for k, v in lr_episode_accuracies(ep, host["logits"], host["pooled"], **lr).items():
+        accs[k].append(v)
+
+    pending = None
     for i in range(num_episodes):
       ep = next(stream)
-      loss, acc = b["eval_step"](state, device_batch(ep, b["batch_shardings"]))
-      accs.append(acc)
-      losses.append(loss)
+      out = b["eval_step"](state, device_batch(ep, b["batch_shardings"]))
+      if pending is not None:
+        finish(*pending)  # the LR of episode i - 1 while the device runs episode i
+      pending = (ep, out)
       if progress and (i + 1) % 100 == 0:
         _log("  %s: %d/%d episodes", src.name, i + 1, num_episodes)
+    if pending is not None:
+      finish(*pending)
     stream.close()
-    accs = np.asarray(jax.device_get(accs), np.float64)
-    results[src.name] = {"accuracy": float(accs.mean()),
-                         "ci95": ep_lib.confidence_interval(accs),
-                         "loss": float(np.mean(jax.device_get(losses))),
-                         "episodes": int(num_episodes)}
+    r = {}
+    for k, v in accs.items():
+      if v:
+        a = np.asarray(jax.device_get(v), np.float64)
+        r[k] = float(a.mean())
+        r[k.replace("accuracy", "ci95")] = ep_lib.confidence_interval(a)
+    r["loss"] = float(np.mean(jax.device_get(losses)))
+    r["episodes"] = int(num_episodes)
+    results[src.name] = r
   return results
 
 
 def format_results(results: Dict[str, Dict[str, float]], title: str) -> str:
-  lines = [f"| {title} | accuracy (%) | 95% CI | episodes |", "|---|---|---|---|"]
+  cell = lambda r, k: f"{100 * r[k]:.2f} +-{100 * r[k.replace('accuracy', 'ci95')]:.2f}"
+  lr = any("lr_accuracy" in r for r in results.values())
+  if lr:
+    lines = [f"| {title} | accuracy (%) | 95% CI | head alone (%) | LR alone (%) | episodes |",
+             "|---|---|---|---|---|---|"]
+  else:
+    lines = [f"| {title} | accuracy (%) | 95% CI | episodes |", "|---|---|---|---|"]
   for name, r in results.items():
-    lines.append(f"| {name} | {100 * r['accuracy']:.2f} | +-{100 * r['ci95']:.2f} | "
+    extra = f"{cell(r, 'head_accuracy')} | {cell(r, 'lr_accuracy')} | " if lr else ""
+    lines.append(f"| {name} | {100 * r['accuracy']:.2f} | +-{100 * r['ci95']:.2f} | {extra}"
                  f"{r['episodes']} |")
   return "\n".join(lines)
 
@@ -341,6 +456,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
          "%d query images, workdir %s", config.fewshot.head, config.model.name,
          ",".join(e.train_sources), total, b["num_ways"], b["shapes"].support,
          b["shapes"].query, workdir)
+    if b["aux_head"] is not None:
+      _log("Auxiliary loss: %d-way train-class cross-entropy on pooled support features, "
+           "weight %g.", b["num_train_classes"], config.fewshot.aux_loss_weight)
     pending, t0 = [], time.time()
     step = start
     while step < total:
@@ -357,6 +475,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                                    "and the last checkpoint is intact: lower the learning rate.")
         scalars = {"train/loss": loss,
                    "train/accuracy": float(np.mean([s["accuracy"] for s in stats])),
+                   **({"train/aux_loss": float(np.mean([s["aux_loss"] for s in stats]))}
+                      if "aux_loss" in stats[0] else {}),
                    "train/grad_norm": float(np.mean([s["grad_norm"] for s in stats])),
                    "train/lr": float(b["lr_fn"](step - 1)),
                    "train/episodes_per_sec": len(stats) / max(time.time() - t0, 1e-9)}
@@ -385,13 +505,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   results = evaluate_episodes(b, test_state, test, e.num_test_episodes, seed=e.eval_seed,
                               progress=config.progress_bar)
   writer.write_scalars(total, {f"test/{k}_accuracy": r["accuracy"] for k, r in results.items()})
-  table = format_results(results, f"{config.fewshot.head} test source")
+  lr = b["lr"]
+  title = config.fewshot.head + (f" + {lr['lr_lambda']:g} LR" if lr else "")
+  table = format_results(results, f"{title} test source")
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "fewshot_test.json"), "w") as fh:
       json.dump({"results": results, "best_valid": best,
-                 "bn_test_mode": config.fewshot.bn_test_mode}, fh, indent=2)
-  _log("Test episodes (%d per source, BN %s):\n%s", e.num_test_episodes,
-       config.fewshot.bn_test_mode, table)
+                 "bn_test_mode": config.fewshot.bn_test_mode,
+                 "lr_head": dict(lr, solver="lbfgs") if lr else None}, fh, indent=2)
+  _log("Test episodes (%d per source, BN %s%s):\n%s", e.num_test_episodes,
+       config.fewshot.bn_test_mode,
+       f"; prediction = argmax({config.fewshot.head} + {lr['lr_lambda']:g} * LR "
+       f"log-probabilities), LR C={lr['C']:g}" if lr else "", table)
   ckpt.close()
   best_ckpt.close()
   writer.close()

@@ -3,6 +3,11 @@
 The loop: sharded state -> resume from ``WORKDIR/checkpoints`` if present -> for each step,
 global batch -> jitted ``train_step`` -> metrics / eval / checkpoints. SIGTERM (preemption)
 saves a checkpoint and exits; restarting the same command resumes exactly.
+
+With ``config.linear_probe`` set, every evaluation also fits a linear probe on the frozen
+features (``evaluators.linear_probe``): the best probe's weights go to ``WORKDIR/best`` and
+training stops after ``linear_probe.patience`` evaluations in a row below the best
+(CrossTransformers' phase-1 early stopping).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from visrep_jax import checkpoint as ckpt_lib
 from visrep_jax import config_lib, metrics as metrics_lib, models, optim
 from visrep_jax import sharding as sharding_lib
 from visrep_jax.data import DataError, pipeline, preprocess, sources
-from visrep_jax.evaluators import classification
+from visrep_jax.evaluators import classification, linear_probe
 from visrep_jax.trainers import common
 
 
@@ -106,6 +111,10 @@ def build(config: ml_collections.ConfigDict, devices=None):
   devices = jax.devices() if devices is None else list(devices)
   config_lib.validate(config, num_devices=len(devices))
   mesh = sharding_lib.make_mesh(config.mesh, devices)
+  if config.episodes.prepare_mini:  # meta_dataset:<source> of the offline mini benchmark
+    from visrep_jax.data import md_mini
+    md_mini.build_mini_benchmark(config.dataset.data_dir,
+                                 config.episodes.mini_max_images_per_class or None)
   ds_kwargs = {"data_dir": config.dataset.data_dir} if config.dataset.data_dir else {}
   source = sources.create(config.dataset.name, **ds_kwargs)
   num_classes = config.dataset.num_classes or source.num_classes
@@ -216,6 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   eval_input = pipeline.make_eval(b["source"], config.dataset.eval_split, config.dataset.eval_pp,
                                   eval_batch // pc, skip_corrupt=config.dataset.skip_corrupt)
+  probe = linear_probe.from_config(config, b, workdir, resume_step=start_step)
 
   def run_eval(step):
     res = classification.evaluate(b["eval_step"], state, eval_input, b["batch_sharding"],
@@ -235,6 +245,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       res = dict(res, **ema)
       _log("step %d  EMA eval top-1 %.4f  top-5 %.4f  loss %.4f", step, ema["ema_top1"],
            ema["ema_top5"], ema["ema_loss"])
+    if probe is not None:
+      lp = probe.evaluate(state, step, {"config": json.loads(config.to_json_best_effort())})
+      scalars.update({f"eval/{k}": v for k, v in lp.items()})
+      res = dict(res, **lp)
+      best = ("  (best %.4f at step %d)" % (lp["linear_probe_best_top1"],
+                                           lp["linear_probe_best_step"])
+              if "linear_probe_best_top1" in lp else "")
+      _log("step %d  linear probe top-1 %.4f (fit %.4f) on %s%s", step, lp["linear_probe_top1"],
+           lp["linear_probe_fit_top1"], config.linear_probe.score_split, best)
     writer.write_scalars(step, scalars)
     return res
 
@@ -247,6 +266,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     final = run_eval(start_step)
     ckpt.close()
     writer.close()
+    if probe is not None:
+      probe.close()
     return final
 
   train_input = pipeline.make_train(
@@ -262,12 +283,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   pending = []  # device metrics since the last log
   prev = None   # (step, metrics) of the previous step, checked for NaN one step late
-  last_eval = None
+  last_eval, last_eval_step = None, None
+  stopped = probe is not None and probe.should_stop  # resumed after an early stop
   fault_step, fault_signal = _debug_signal_at_step()
   try:
     with _SigtermFlag() as sigterm:
       step = start_step
-      while step < total_steps:
+      while step < total_steps and not stopped:
         batch = next(batches)
         state, m = b["train_step"](state, batch, b["rng"])
         step += 1
@@ -293,7 +315,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
           save(step)
         if config.eval_every_steps and step % config.eval_every_steps == 0 and step < total_steps:
-          last_eval = run_eval(step)
+          last_eval, last_eval_step = run_eval(step), step
+          stopped = probe is not None and probe.should_stop
         if step == fault_step and jax.process_index() == 0:
           os.kill(os.getpid(), fault_signal)
           time.sleep(0.5)  # let the handler run (SIGTERM) before the check below
@@ -312,10 +335,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     raise
   if prev is not None:
     _check_finite(*prev)
-  save(total_steps, force=True)
-  final = run_eval(total_steps) if total_steps > start_step or last_eval is None else last_eval
+  end = step if stopped else total_steps
+  if stopped:
+    _log("Early stop at step %d: the linear probe stayed below its best for %d evaluations.",
+         step, config.linear_probe.patience)
+  save(end, force=True)
+  final = last_eval if last_eval is not None and last_eval_step == end else run_eval(end)
   ckpt.close()
   writer.close()
+  if probe is not None:
+    probe.close()
+    best_step, best = probe.stopping.best
+    _log("Best linear probe top-1 %.4f at step %d: its weights are in %s.", best, best_step,
+         os.path.join(workdir, linear_probe.BEST_DIR))
   if config.plot_curves and jax.process_index() == 0:
     png = metrics_lib.plot_curves(workdir)
     if png:
