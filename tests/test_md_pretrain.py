@@ -351,3 +351,24 @@ def test_the_dilated_backbone_receives_the_same_weights(pretrained):
   plain_map = plain.apply({"params": stored["params"], **stored["model_state"]},
                           x)[1]["feature_map"]
   assert fmap.shape[1:3] == (4, 4) and plain_map.shape[1:3] == (2, 2)
+
+
+def test_a_corrupt_record_file_is_a_one_line_data_error(toy, tmp_path):
+  """A damaged TFRecord (here: one class file with a flipped byte inside a record) stops
+  training with a DataError naming the problem, not a TensorFlow traceback."""
+  import shutil
+  root = tmp_path / "md"
+  shutil.copytree(os.path.join(toy, "toy"), root / "toy")
+  files = sorted(f for f in os.listdir(root / "toy") if f.endswith(".tfrecords"))
+  assert files, os.listdir(root / "toy")
+  path = root / "toy" / files[0]
+  data = bytearray(path.read_bytes())
+  data[40] ^= 0xFF  # inside the first record's payload: its CRC no longer matches
+  path.write_bytes(bytes(data))
+  src = sources.create("meta_dataset:toy", data_dir=str(root))
+  inp = pipeline.make_train(src, "train", "decode(1)|normalize(0.5, 0.5)", 8, seed=0,
+                            shuffle_buffer=10, process_index=0, process_count=1)
+  with pytest.raises(DataError, match="is corrupt") as e:
+    for _ in range(20):
+      next(inp.iterator)
+  assert "\n" not in str(e.value)

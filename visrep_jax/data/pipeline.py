@@ -177,6 +177,11 @@ def _report_corrupt(ds, source, split, pi, pc, skip_corrupt) -> Iterator[Dict[st
           f"Cannot decode an image in split {split!r}{where}. Remove or replace it, or set "
           f"dataset.skip_corrupt=True to skip undecodable images. ({str(e).splitlines()[0]})"
       ) from None
+    except tf.errors.DataLossError as e:  # a truncated or corrupted record file
+      raise DataError(
+          f"A data file of split {split!r} is corrupt ({str(e).splitlines()[0]}). Re-create it "
+          "(rerun the conversion or TFDS's download_and_prepare); skip_corrupt cannot skip a "
+          "damaged record file.") from None
     yield {k: v.numpy() if hasattr(v, "numpy") else v for k, v in batch.items()}
 
 

@@ -541,7 +541,15 @@ def normalize(mean="imagenet", std=None):
 
   scale, shift = 1.0 / (255.0 * s), -m / s  # (x / 255 - m) / s as one multiply-add
 
+  n_values = int(m.shape[0])
+
   def fn(img, seed):
+    channels = img.shape[-1]
+    if n_values > 1 and channels is not None and channels != n_values:
+      # Broadcasting would silently turn e.g. a grayscale image into 3 channels.
+      raise ValueError(f"normalize: {n_values} mean/std values for {channels}-channel images; "
+                       "use a preset or values with one entry per channel (e.g. "
+                       "normalize('fashion_mnist') or normalize(0.5, 0.5) for grayscale)")
     return _float(img) * scale + shift
   return image_op(fn)
 
