@@ -86,11 +86,7 @@ def use_mini_benchmark(c, data_dir: str, max_images_per_class=None):
   # layers 2 and 3, the last stage dilated, so the heads see a 4x4 map (CTX) / its average
   # (ProtoNets). Measured here: 0.25-0.76 CTX episodes/s on 2 CPU cores shared with other jobs
   # (1000 episodes + 1200 test episodes took about 50 minutes).
-  c.model.name = "resnet18"
-  c.model.width = 16
-  c.model.stem_kernel = 3
-  c.model.stem_stride = 2
-  c.model.stem_pool = False
+  config_lib.use_fewshot_mini_backbone(c)
   c.model.replace_stride_with_dilation = (False, False, True)
   return c
 
@@ -154,8 +150,7 @@ def get_config(arg=None):
   if args.runlocal:
     c.episodes.data_dir = args.data or os.path.join("workdirs", "md_mini_runlocal")
     c.episodes.mini_max_images_per_class = 40
-    c.model.width = 8
-    c.model.stage_sizes = (1, 1, 1, 1)
+    config_lib.use_fewshot_mini_backbone(c, runlocal=True)
     c.episodes.max_support_set_size = 40
     c.episodes.max_support_size_contrib_per_class = 8
     c.episodes.max_num_query = 4

@@ -98,7 +98,7 @@ def test_bad_values(key, value, match):
 
 
 def test_bad_names_in_sections():
-  _bad(lambda c: setattr(c.optimizer, "name", "adam_w"), "optimizer.name='adam_w' is not valid; choose one of: adamw, lamb, normalized_adam, sgd")
+  _bad(lambda c: setattr(c.optimizer, "name", "adam_w"), "optimizer.name='adam_w' is not valid; choose one of: adam, adamw, lamb, normalized_adam, sgd")
   _bad(lambda c: setattr(c.loss, "name", "focal"), "loss.name='focal' is not valid")
   _bad(lambda c: setattr(c.optimizer, "lr", -1.0), "lr must be a positive number")
   _bad(lambda c: setattr(c.mixup, "prob", 2.0), r"mixup.prob must be in \[0, 1\]")

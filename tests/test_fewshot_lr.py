@@ -98,6 +98,13 @@ def test_lr_logits_are_sklearn_log_probabilities_on_l2_normalised_pooled_feature
   q = l2(qry.mean((1, 2)))
   np.testing.assert_allclose(lr[:, :3], clf.predict_log_proba(q), rtol=1e-10, atol=1e-12)
   assert np.all(lr[:, 3] == fewshot.NO_SUPPORT_LOGIT)
+  # l2-normalised: the scale of each image's features does not matter (unnormalised, it would).
+  scaled = fewshot.logistic_regression_logits(sup * r.uniform(0.1, 10, (7, 1, 1, 1)), s_lab,
+                                              np.ones(7, bool), qry * 50.0, np.ones(4, bool),
+                                              num_classes=4, C=10.0, max_iter=1000)
+  np.testing.assert_allclose(scaled, lr, rtol=1e-6, atol=1e-8)
+  raw = LogisticRegression(C=10.0, max_iter=1000).fit(sup.mean((1, 2)) * 50.0, s_lab)
+  assert not np.allclose(raw.predict_log_proba(qry.mean((1, 2)) * 50.0), lr[:, :3], atol=1e-3)
   # log-probabilities = decision_function - a per-query constant: the same combined argmax.
   diff = lr[:, :3] - clf.decision_function(q)
   np.testing.assert_allclose(diff, diff[:, :1].repeat(3, 1), atol=1e-9)

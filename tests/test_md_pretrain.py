@@ -215,6 +215,17 @@ def test_linear_probe_separates_separable_features_and_is_at_chance_on_noise():
     linear_probe.fit_and_score(np.ones((4, 3)), np.zeros(4), np.ones((2, 3)), np.zeros(2))
 
 
+def test_set_aside_renames_and_keeps_everything(tmp_path):
+  from visrep_jax import checkpoint as ckpt_lib
+  d = tmp_path / "best" / "checkpoints" / "7"
+  d.mkdir(parents=True)
+  (d / "x").write_text("weights")
+  new = ckpt_lib.set_aside(str(tmp_path / "best"), "test")
+  assert not (tmp_path / "best").exists()
+  assert open(os.path.join(new, "checkpoints", "7", "x")).read() == "weights"
+  assert ckpt_lib.set_aside(str(tmp_path / "best"), "test") is None  # nothing there: no-op
+
+
 def test_early_stopping_counts_evaluations_since_the_best_and_resumes(tmp_path):
   path = str(tmp_path / "lp.json")
   es = linear_probe.EarlyStopping(path, patience=2)
@@ -249,7 +260,7 @@ def test_training_stops_when_the_probe_declines_and_stays_stopped(mini_dir, tmp_
   """Scripted probe scores 0.9, 0.8, 0.7, ...: with patience 2 the run stops at the third
   evaluation (step 3 of 10), keeps step 1's weights as the best, and a rerun trains no further."""
   from visrep_jax.trainers import supervised
-  scores = iter([0.9, 0.8, 0.7, 0.6, 0.5])
+  scores = iter([0.9, 0.8, 0.7, 0.6] + [0.5] * 20)
   real = linear_probe.fit_and_score
   monkeypatch.setattr(linear_probe, "fit_and_score",
                       lambda *a, **k: dict(real(*a, **k), top1=next(scores)))
@@ -272,6 +283,14 @@ def test_training_stops_when_the_probe_declines_and_stays_stopped(mini_dir, tmp_
   supervised.train_and_evaluate(c, wd)  # resumes at the stop: evaluates (0.6), trains nothing
   rows = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
   assert max(r["step"] for r in rows if "train/loss" in r) == 3
+  # A damaged record restarts, but the best weights it described are set aside, not replaced.
+  with open(os.path.join(wd, "linear_probe.json"), "w") as f:
+    f.write("{not json")
+  supervised.train_and_evaluate(c, wd)
+  aside = [n for n in os.listdir(wd) if n.startswith("best.set-aside-")]
+  assert len(aside) == 1, os.listdir(wd)
+  assert os.listdir(os.path.join(wd, aside[0], "checkpoints")) == ["1"]
+  assert os.listdir(os.path.join(wd, "best", "checkpoints")) != ["1"]  # the new record's best
 
 
 def run_main(args, workdir):
@@ -372,3 +391,14 @@ def test_a_corrupt_record_file_is_a_one_line_data_error(toy, tmp_path):
     for _ in range(20):
       next(inp.iterator)
   assert "\n" not in str(e.value)
+
+
+def test_a_one_class_probe_split_fails_at_start_up(toy, tmp_path):
+  """The toy source's test split has one class: the probe cannot be fitted on it, and says so
+  when it is built, not at its first evaluation."""
+  c = load_config("ctx_pretrain", f"runlocal,data={toy}")
+  c.dataset.name = "meta_dataset:toy"
+  c.linear_probe.fit_split, c.linear_probe.score_split = "test[:4]", "test[4:]"
+  src = sources.create("meta_dataset:toy", data_dir=toy)
+  with pytest.raises(DataError, match="has 1 class\\(es\\); it needs at least 2"):
+    linear_probe.LinearProbe(c, None, src, None, None, None, str(tmp_path), track=False)

@@ -395,3 +395,35 @@ def test_normalized_adam_normalises_the_regularised_gradient_then_applies_adam()
     jp = optax.apply_updates(jp, upd)
     for k in p:
       np.testing.assert_allclose(np.asarray(jp[k]), p[k], rtol=1e-5, atol=1e-6)
+
+
+def test_adam_adds_the_l2_penalty_to_the_gradient_not_decoupled():
+  """optimizer 'adam' (Meta-Dataset's pre-training): Adam on grad + wd * w (masked), against
+  NumPy; AdamW's decoupled decay at the same value gives different parameters."""
+  rng = np.random.default_rng(1)
+  params = {"w": rng.normal(size=(3, 4)).astype(np.float32),
+            "b": rng.normal(size=(4,)).astype(np.float32)}
+  mask = optim.weight_decay_mask(params)
+  lr, wd, b1, b2, eps = 1e-2, 0.5, 0.9, 0.999, 1e-8
+  tx = optim.adam(lr, wd, mask, b1=b1, b2=b2, eps=eps)
+  decoupled = optim.adamw(lr, wd, mask, b1=b1, b2=b2, eps=eps)
+  state, dstate = tx.init(params), decoupled.init(params)
+  p = {k: v.copy() for k, v in params.items()}
+  m = {k: np.zeros_like(v) for k, v in p.items()}
+  v2 = {k: np.zeros_like(v) for k, v in p.items()}
+  jp = dp = jax.tree.map(jnp.asarray, params)
+  for t in range(1, 4):
+    grads = {k: rng.normal(size=v.shape).astype(np.float32) * 0.1 for k, v in p.items()}
+    for k in p:
+      gk = grads[k] + (wd * p[k] if k == "w" else 0.0)
+      m[k] = b1 * m[k] + (1 - b1) * gk
+      v2[k] = b2 * v2[k] + (1 - b2) * gk ** 2
+      p[k] = p[k] - lr * (m[k] / (1 - b1 ** t)) / (np.sqrt(v2[k] / (1 - b2 ** t)) + eps)
+    upd, state = tx.update(jax.tree.map(jnp.asarray, grads), state, jp)
+    jp = optax.apply_updates(jp, upd)
+    dupd, dstate = decoupled.update(jax.tree.map(jnp.asarray, grads), dstate, dp)
+    dp = optax.apply_updates(dp, dupd)
+  for k in p:
+    np.testing.assert_allclose(np.asarray(jp[k]), p[k], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(jp["b"]), np.asarray(dp["b"]), rtol=1e-6)  # no decay
+  assert np.abs(np.asarray(jp["w"]) - np.asarray(dp["w"])).max() > 1e-3

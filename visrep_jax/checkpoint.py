@@ -44,6 +44,23 @@ class Checkpointer:
     self.manager.close()
 
 
+def set_aside(path: str, reason: str) -> Optional[str]:
+  """Renames an existing ``path`` (e.g. a ``best`` checkpoint whose record was lost) to
+  ``path.set-aside-<time>`` so that nothing is overwritten or deleted; returns the new name
+  (None when ``path`` does not exist). Process 0 renames; every process waits for it."""
+  import time
+  if not os.path.exists(path):
+    return None
+  new = f"{path}.set-aside-{time.strftime('%Y%m%d-%H%M%S')}"
+  if jax.process_index() == 0:
+    os.rename(path, new)
+    logging.warning("%s: %s; moved to %s (nothing deleted).", path, reason, new)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"set_aside:{path}")
+  return new
+
+
 def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       abstract_state, shardings)
@@ -87,8 +104,8 @@ def load_variables(path: str, abstract_params: Any, abstract_model_state: Any = 
   """
   path = os.path.abspath(path)
   best = os.path.join(path, "best")  # a workdir whose trainer kept a model-selection best
-  has_steps = lambda d: os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
-  if has_steps(best) or has_steps(os.path.join(best, "checkpoints")):
+  best_steps = os.path.join(best, "checkpoints")  # a Checkpointer's layout
+  if os.path.isdir(best_steps) and any(n.isdigit() for n in os.listdir(best_steps)):
     logging.warning("init_checkpoint %s: using its selected checkpoint %s (pass %s/checkpoints "
                     "for the last one)", path, best, path)
     path = best

@@ -399,8 +399,7 @@ def _validate_linear_probe(config):
     return
   _check(config.trainer == "supervised", "config.linear_probe is run by the supervised trainer "
          f"only; clear linear_probe.fit_split for trainer={config.trainer!r}.")
-  _check(isinstance(lp.C, (int, float)) and not isinstance(lp.C, bool) and math.isfinite(lp.C)
-         and lp.C > 0, f"config.linear_probe.C must be a finite number > 0, got {lp.C!r}.")
+  _check(_finite_number(lp.C) and lp.C > 0, f"config.linear_probe.C must be a finite number > 0, got {lp.C!r}.")
   for key in ("max_iter", "patience"):
     v = lp[key]
     _check(isinstance(v, int) and not isinstance(v, bool) and v >= (1 if key == "max_iter" else 0),
@@ -498,12 +497,34 @@ def use_synthetic_smoke_run(c: ml_collections.ConfigDict, train_pp: str, eval_pp
   c.dataset.shuffle_buffer = 1000
   c.dataset.train_pp = train_pp
   c.dataset.eval_pp = eval_pp
+  return use_smoke_schedule(c, steps)
+
+
+def use_smoke_schedule(c: ml_collections.ConfigDict, steps: int = 6) -> ml_collections.ConfigDict:
+  """The schedule of every ``runlocal``: ``steps`` steps, logging every 2, evaluating and
+  checkpointing every 3, no progress bar."""
   c.total_epochs = 0.0
   c.total_steps = steps
   c.log_every_steps = 2
   c.eval_every_steps = 3
   c.checkpoint_every_steps = 3
   c.progress_bar = False
+  return c
+
+
+def use_fewshot_mini_backbone(c: ml_collections.ConfigDict,
+                              runlocal: bool = False) -> ml_collections.ConfigDict:
+  """The backbone of the few-shot mini benchmark (configs/ctx.py and its phase 1,
+  configs/ctx_pretrain.py): a ResNet-18 of width 16 for 28x28 inputs, 3x3/2 stem without
+  pooling (14x14 after the stem); ``runlocal``: width 8, one block per stage. The last stage's
+  dilation is the caller's (phase 2 dilates it, phase 1 does not)."""
+  c.model.name = "resnet18"
+  c.model.width = 8 if runlocal else 16
+  c.model.stem_kernel = 3
+  c.model.stem_stride = 2
+  c.model.stem_pool = False
+  if runlocal:
+    c.model.stage_sizes = (1, 1, 1, 1)
   return c
 
 

@@ -258,6 +258,14 @@ def sgd(lr, weight_decay, mask, momentum=0.9, nesterov=False, **unused):
                      optax.sgd(lr, momentum=momentum or None, nesterov=nesterov))
 
 
+@OPTIMIZERS.register("adam")
+def adam(lr, weight_decay, mask, b1=0.9, b2=0.999, eps=1e-8, **unused):
+  """Adam on the gradient of loss + L2 penalty (``weight_decay * w`` added to the gradient, as
+  Meta-Dataset's ``weight_decay * l2_loss`` term): coupled, unlike AdamW's decoupled decay."""
+  return optax.chain(optax.add_decayed_weights(weight_decay, mask),
+                     optax.adam(lr, b1=b1, b2=b2, eps=eps))
+
+
 @OPTIMIZERS.register("normalized_adam")
 def normalized_adam(lr, weight_decay, mask, b1=0.9, b2=0.999, eps=1e-8, **unused):
   """CrossTransformers' optimizer (L361-363, L657): the gradient of loss + L2 penalty

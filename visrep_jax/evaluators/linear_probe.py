@@ -53,8 +53,8 @@ def fit_and_score(fit_x: np.ndarray, fit_y: np.ndarray, score_x: np.ndarray, sco
     raise DataError("The linear probe's score split has no images: widen "
                     "config.linear_probe.score_split.")
   if l2_normalize:
-    l2 = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    fit_x, score_x = l2(fit_x), l2(score_x)
+    from sklearn.preprocessing import normalize
+    fit_x, score_x = normalize(fit_x), normalize(score_x)
   clf = LogisticRegression(C=C, max_iter=max_iter)
   clf.fit(fit_x, fit_y)
   return {"top1": float(np.mean(clf.predict(score_x) == score_y)),
@@ -102,12 +102,13 @@ class EarlyStopping:
   def __init__(self, path: Optional[str], patience: int = 0, resume_step: Optional[int] = None):
     self.path, self.patience = path, int(patience)
     self.history: List[Tuple[int, float]] = []
+    self.unreadable = False  # the record existed but could not be read: it restarts empty
     if path and os.path.exists(path):
       try:
         with open(path) as f:
           self.history = [(int(s), float(v)) for s, v in json.load(f)["history"]]
       except (ValueError, KeyError, TypeError):
-        self.history = []  # unreadable: start the record again (the checkpoints are kept)
+        self.history, self.unreadable = [], True
     if resume_step is not None:
       self.history = [(s, v) for s, v in self.history if s <= resume_step]
 
@@ -163,12 +164,22 @@ class LinearProbe:
     make = lambda split: pipeline.make_eval(source, split, config.dataset.eval_pp, local,
                                             skip_corrupt=config.dataset.skip_corrupt)
     self.fit_input, self.score_input = make(lp.fit_split), make(lp.score_split)
+    classes = getattr(source, "classes", None)  # known up front for meta_dataset: sources
+    if classes is not None and len(classes(lp.fit_split)) < 2:
+      # At start-up, not at the first evaluation thousands of steps later.
+      raise DataError(f"The linear probe's fit split {lp.fit_split!r} has "
+                      f"{len(classes(lp.fit_split))} class(es); it needs at least 2: widen "
+                      "config.linear_probe.fit_split.")
     self.batch_sharding = batch_sharding
     self.step = jax.jit(make_feature_step(model), in_shardings=(state_shardings, batch_sharding),
                         out_shardings=sharding_lib.replicated(mesh))
     self.track = track
     self.stopping = EarlyStopping(os.path.join(workdir, RECORD) if track else None, lp.patience,
                                   resume_step)
+    if track and self.stopping.unreadable:
+      # The restarted record would let the next evaluation replace the kept best weights.
+      ckpt_lib.set_aside(os.path.join(workdir, BEST_DIR),
+                         f"{RECORD} is unreadable, the linear-probe record restarts")
     self.best_ckpt = (ckpt_lib.Checkpointer(os.path.join(workdir, BEST_DIR), keep=1,
                                             async_save=False) if track else None)
 

@@ -342,9 +342,6 @@ def logistic_regression_logits(support_features, support_labels, support_mask, q
       raise ValueError(f"expected embeddings [N, D] or feature maps [N, h, w, D], got {x.shape}")
     return x.mean(axis=(1, 2)) if x.ndim == 4 else x
 
-  def l2(x):
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
   labels = np.asarray(support_labels).astype(np.int64)
   valid = (labels >= 0) & (labels < num_classes) & np.asarray(support_mask, bool)
   query = pooled(query_features)
@@ -355,8 +352,9 @@ def logistic_regression_logits(support_features, support_labels, support_mask, q
   if classes.size < 2 or not q_real.any():
     return out
   from sklearn.linear_model import LogisticRegression
+  from sklearn.preprocessing import normalize  # l2, rows of norm 0 left as they are
   clf = LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter)
-  clf.fit(l2(pooled(support_features)[valid]), labels[valid])
+  clf.fit(normalize(pooled(support_features)[valid]), labels[valid])
   rows = np.flatnonzero(q_real)
-  out[np.ix_(rows, clf.classes_)] = clf.predict_log_proba(l2(query[rows]))
+  out[np.ix_(rows, clf.classes_)] = clf.predict_log_proba(normalize(query[rows]))
   return out

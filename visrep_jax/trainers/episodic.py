@@ -397,6 +397,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   e = config.episodes
   writer = metrics_lib.MetricWriter(workdir)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+  best_path = os.path.join(workdir, "best_valid.json")
+  best = {"accuracy": -1.0}
+  if os.path.exists(best_path):
+    try:
+      with open(best_path) as fh:
+        stored = json.load(fh)
+      best = dict(stored, accuracy=float(stored["accuracy"]))
+    except (ValueError, KeyError, TypeError):
+      # A restarted record would let the next validation replace the kept best weights.
+      ckpt_lib.set_aside(os.path.join(workdir, "best"),
+                         f"{best_path} is unreadable, the best-validation record restarts")
   best_ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "best"), keep=1, async_save=False)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as fh:
@@ -422,15 +433,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   valid_names = list(e.valid_sources)
   valid = _open_eval_sources(config, "valid", valid_names, b["shapes"]) if valid_names else []
-  best_path = os.path.join(workdir, "best_valid.json")
-  best = {"accuracy": -1.0}
-  if os.path.exists(best_path):
-    try:
-      with open(best_path) as fh:
-        best = {"accuracy": float(json.load(fh)["accuracy"])}
-    except (ValueError, KeyError, TypeError):
-      _log("%s is unreadable; the best-validation record restarts (the checkpoints are kept).",
-           best_path)
 
   def run_valid(step):
     nonlocal best
