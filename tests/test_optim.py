@@ -366,19 +366,30 @@ def test_exponential_schedule_config_errors():
     config_lib.validate(c)
 
 
+def _adam_reference_step(p, m, v, g, t, lr, b1, b2, eps):
+  """One bias-corrected Adam step (eps outside the sqrt) on NumPy arrays, in place."""
+  m[:] = b1 * m + (1 - b1) * g
+  v[:] = b2 * v + (1 - b2) * g ** 2
+  p[:] = p - lr * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
+
+
+def _reference_setup(seed):
+  rng = np.random.default_rng(seed)
+  params = {"w": rng.normal(size=(3, 4)).astype(np.float32),
+            "b": rng.normal(size=(4,)).astype(np.float32)}
+  copies = [{k: np.array(x) for k, x in params.items()},
+            {k: np.zeros_like(x) for k, x in params.items()},
+            {k: np.zeros_like(x) for k, x in params.items()}]
+  return rng, params, optim.weight_decay_mask(params), copies
+
+
 def test_normalized_adam_normalises_the_regularised_gradient_then_applies_adam():
   """Against a NumPy statement of the recipe: g = grad + wd * w (masked: no decay on 1-D),
   g /= ||g|| over all parameters, then Adam (bias-corrected, eps outside the sqrt)."""
-  rng = np.random.default_rng(0)
-  params = {"w": rng.normal(size=(3, 4)).astype(np.float32),
-            "b": rng.normal(size=(4,)).astype(np.float32)}
-  mask = optim.weight_decay_mask(params)
+  rng, params, mask, (p, m, v2) = _reference_setup(0)
   lr, wd, b1, b2, eps = 1e-2, 0.1, 0.9, 0.999, 1e-8
   tx = optim.normalized_adam(lr, wd, mask, b1=b1, b2=b2, eps=eps)
   state = tx.init(params)
-  p = {k: v.copy() for k, v in params.items()}
-  m = {k: np.zeros_like(v) for k, v in p.items()}
-  v2 = {k: np.zeros_like(v) for k, v in p.items()}
   jp = jax.tree.map(jnp.asarray, params)
   # Gradients of very different scales per step: Adam alone is nearly scale-invariant per step,
   # but its moments weigh the steps by their scale, so only the normalised version matches.
@@ -387,10 +398,7 @@ def test_normalized_adam_normalises_the_regularised_gradient_then_applies_adam()
     g = {"w": grads["w"] + wd * p["w"], "b": grads["b"]}
     norm = np.sqrt(sum((x.astype(np.float64) ** 2).sum() for x in g.values()))
     for k in p:
-      gk = g[k] / norm
-      m[k] = b1 * m[k] + (1 - b1) * gk
-      v2[k] = b2 * v2[k] + (1 - b2) * gk ** 2
-      p[k] = p[k] - lr * (m[k] / (1 - b1 ** t)) / (np.sqrt(v2[k] / (1 - b2 ** t)) + eps)
+      _adam_reference_step(p[k], m[k], v2[k], g[k] / norm, t, lr, b1, b2, eps)
     upd, state = tx.update(jax.tree.map(jnp.asarray, grads), state, jp)
     jp = optax.apply_updates(jp, upd)
     for k in p:
@@ -400,25 +408,17 @@ def test_normalized_adam_normalises_the_regularised_gradient_then_applies_adam()
 def test_adam_adds_the_l2_penalty_to_the_gradient_not_decoupled():
   """optimizer 'adam' (Meta-Dataset's pre-training): Adam on grad + wd * w (masked), against
   NumPy; AdamW's decoupled decay at the same value gives different parameters."""
-  rng = np.random.default_rng(1)
-  params = {"w": rng.normal(size=(3, 4)).astype(np.float32),
-            "b": rng.normal(size=(4,)).astype(np.float32)}
-  mask = optim.weight_decay_mask(params)
+  rng, params, mask, (p, m, v2) = _reference_setup(1)
   lr, wd, b1, b2, eps = 1e-2, 0.5, 0.9, 0.999, 1e-8
   tx = optim.adam(lr, wd, mask, b1=b1, b2=b2, eps=eps)
   decoupled = optim.adamw(lr, wd, mask, b1=b1, b2=b2, eps=eps)
   state, dstate = tx.init(params), decoupled.init(params)
-  p = {k: v.copy() for k, v in params.items()}
-  m = {k: np.zeros_like(v) for k, v in p.items()}
-  v2 = {k: np.zeros_like(v) for k, v in p.items()}
   jp = dp = jax.tree.map(jnp.asarray, params)
   for t in range(1, 4):
     grads = {k: rng.normal(size=v.shape).astype(np.float32) * 0.1 for k, v in p.items()}
     for k in p:
       gk = grads[k] + (wd * p[k] if k == "w" else 0.0)
-      m[k] = b1 * m[k] + (1 - b1) * gk
-      v2[k] = b2 * v2[k] + (1 - b2) * gk ** 2
-      p[k] = p[k] - lr * (m[k] / (1 - b1 ** t)) / (np.sqrt(v2[k] / (1 - b2 ** t)) + eps)
+      _adam_reference_step(p[k], m[k], v2[k], gk, t, lr, b1, b2, eps)
     upd, state = tx.update(jax.tree.map(jnp.asarray, grads), state, jp)
     jp = optax.apply_updates(jp, upd)
     dupd, dstate = decoupled.update(jax.tree.map(jnp.asarray, grads), dstate, dp)
