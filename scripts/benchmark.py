@@ -10,7 +10,7 @@ same process and interleaved with JAX so that background load affects both alike
     parameters and optimizer state donated;
   * inference images/s: jitted forward in eval mode;
   * model FLOPs from XLA's cost analysis of the compiled forward (and train step);
-  * MFU against a float32 matmul peak measured on this machine.
+  * MFU against a matmul peak measured on this machine in the benchmark's dtype.
 Each figure is the median over ``--repeats`` timed windows of ``--steps`` steps.
 
 TensorFlow is never imported (it is blocked below, so a transitive import fails loudly);
@@ -57,6 +57,12 @@ def parse_args(argv=None):
   p.add_argument("--no-cpu-flags", dest="cpu_flags", action="store_false",
                  help="do not apply visrep_jax.utils.xla.set_cpu_flags() (for comparison)")
   p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+  p.add_argument("--torch_device", default=None,
+                 help="torch device for --vs-timm (default: 'cuda' when JAX runs on a GPU and "
+                      "torch sees one, else 'cpu')")
+  p.add_argument("--attention", default=None, choices=["bhnd", "xla", "cudnn"],
+                 help="attention implementation of transformer models (default: by backend and "
+                      "dtype, see visrep_jax.models.layers.self_attention)")
   p.add_argument("--lr", type=float, default=1e-3)
   p.add_argument("--weight_decay", type=float, default=0.05)
   return p.parse_args(argv)
@@ -120,10 +126,10 @@ def cost_flops(compiled) -> float:
   return float((ca or {}).get("flops", float("nan")))
 
 
-def measure_matmul_peak(n: int = 4096, iters: int = 5) -> float:
-  """float32 FLOP/s of a large jnp.dot on this machine (best of ``iters``)."""
-  a = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.PRNGKey(2), (n, n), jnp.float32)
+def measure_matmul_peak(dtype=jnp.float32, n: int = 4096, iters: int = 5) -> float:
+  """FLOP/s of a large jnp.dot in ``dtype`` on this machine (best of ``iters``)."""
+  a = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
+  b = jax.random.normal(jax.random.PRNGKey(2), (n, n), dtype)
   dot = jax.jit(jnp.dot)
   dot(a, b).block_until_ready()
   best = float("inf")
@@ -140,8 +146,13 @@ class JaxBench:
     self.args = args
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     overrides = {"dtype": dtype}
-    if hasattr(models.create(args.model), "img_size"):
+    probe = models.create(args.model)
+    if hasattr(probe, "img_size"):
       overrides["img_size"] = res
+    if args.attention:
+      if not hasattr(probe, "attention"):
+        raise SystemExit(f"--attention: {args.model} has no attention implementation choice")
+      overrides["attention"] = args.attention
     self.model = models.create(args.model, **overrides)
     b = args.batch_size
     rng = np.random.RandomState(0)
@@ -200,6 +211,11 @@ class TimmBench:
     import timm
     self.torch = torch
     torch.set_num_threads(args.threads or os.cpu_count())
+    self.device = args.torch_device or (
+        "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu")
+    if self.device.startswith("cuda"):
+      # JAX's default float32 matmul precision on GPU uses TF32 tensor cores; match it.
+      torch.set_float32_matmul_precision("high")
     if args.torch_ref:
       self.model = _load_torch_ref(args.torch_ref)(img_size=res)
     else:
@@ -208,19 +224,26 @@ class TimmBench:
         self.model = timm.create_model(name, pretrained=False, img_size=res)
       except TypeError:  # convnets take any resolution and have no img_size argument
         self.model = timm.create_model(name, pretrained=False)
+    self.model = self.model.to(self.device)
     self.n_params = sum(p.numel() for p in self.model.parameters())
     b = args.batch_size
     rng = np.random.RandomState(0)
-    self.images = torch.from_numpy(rng.randn(b, 3, res, res).astype(np.float32))
+    self.images = torch.from_numpy(rng.randn(b, 3, res, res).astype(np.float32)).to(self.device)
     n_cls = max(self.model.num_classes, 1)
-    self.labels = torch.from_numpy(rng.randint(0, n_cls, size=(b,)).astype(np.int64))
+    self.labels = torch.from_numpy(
+        rng.randint(0, n_cls, size=(b,)).astype(np.int64)).to(self.device)
     self.opt = torch.optim.AdamW(self.model.parameters(), lr=args.lr,
                                  weight_decay=args.weight_decay)
     self.loss = torch.nn.CrossEntropyLoss()
     self.bf16 = args.dtype == "bfloat16"
 
   def _autocast(self):
-    return self.torch.autocast("cpu", dtype=self.torch.bfloat16, enabled=self.bf16)
+    return self.torch.autocast(self.device.split(":")[0], dtype=self.torch.bfloat16,
+                               enabled=self.bf16)
+
+  def _sync(self):
+    if self.device.startswith("cuda"):
+      self.torch.cuda.synchronize()
 
   def train(self, steps):
     self.model.train()
@@ -231,6 +254,7 @@ class TimmBench:
         loss = self.loss(self.model(self.images), self.labels)
       loss.backward()
       self.opt.step()
+    self._sync()
     return float(loss.detach())
 
   def infer(self, steps):
@@ -238,6 +262,7 @@ class TimmBench:
     with self.torch.no_grad(), self._autocast():
       for _ in range(steps):
         self.model(self.images)
+    self._sync()
 
 
 def _load_torch_ref(spec: str):
@@ -274,8 +299,9 @@ def main(args):
         f"matmul precision: {jax.config.jax_default_matmul_precision or 'default'}")
   print(f"XLA_FLAGS: {os.environ.get('XLA_FLAGS', '')!r}  inference compile options: "
         f"{xla_utils.cpu_compiler_options('infer') if args.cpu_flags else {}}")
-  peak = measure_matmul_peak()
-  print(f"measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
+  on_cpu = jax.default_backend() == "cpu"
+  peak = measure_matmul_peak(jnp.dtype(args.dtype), n=4096 if on_cpu else 8192)
+  print(f"measured {args.dtype} matmul peak: {peak / 1e9:.1f} GFLOP/s")
 
   jb = JaxBench(args, res)
   print(f"{args.model} @ {res}px, batch {b}, {args.dtype}: {jb.n_params / 1e6:.2f}M params, "
@@ -285,7 +311,8 @@ def main(args):
     benches["timm"] = TimmBench(args, res)
     import torch
     ref = f"torch_ref {args.torch_ref}" if args.torch_ref else "timm"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    print(f"torch {torch.__version__} on {benches['timm'].device}, "
+          f"{torch.get_num_threads()} threads, "
           f"{ref} params {benches['timm'].n_params / 1e6:.2f}M")
 
   modes = [m for m, on in (("train", args.train), ("infer", args.infer)) if on]

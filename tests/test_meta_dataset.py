@@ -332,6 +332,81 @@ def test_reader_errors_name_the_file(tmp_path):
     md.load_class_images(spec, 0)
 
 
+def test_random_access_reads_what_the_whole_file_reader_reads(tmp_path):
+  """Record index + random reads + batch decode give the same pixels and labels as reading the
+  whole class file, for any subset in any order (JPEG records, resized)."""
+  images, labels = toy_arrays(channels=3, n_per_class=9)
+  spec = md_convert.convert_arrays(images, labels, str(tmp_path / "toy"), "toy",
+                                   class_splits=SPLITS_5, image_format="jpeg")
+  for class_id in (0, 3):
+    index = md.index_class_records(spec, class_id)
+    assert index.shape == (9, 2) and index[0, 0] == 0 and np.all(np.diff(index[:, 0]) > 0)
+    assert os.path.getsize(md.class_record_path(spec, class_id)) == index[-1].sum() + 16
+    whole = md.load_class_images(spec, class_id, image_size=16)
+    records = [7, 2, 5, 0]
+    got, got_labels = md.decode_records(
+        md.read_records(md.class_record_path(spec, class_id), index, records), 16)
+    np.testing.assert_array_equal(got, whole[records])
+    assert got_labels.tolist() == [class_id] * 4
+
+
+def test_random_access_errors_name_file_and_record(tmp_path):
+  images, labels = toy_arrays(n_per_class=6)
+  spec = md_convert.convert_arrays(images, labels, str(tmp_path / "toy"), "toy",
+                                   class_splits=SPLITS_5)
+  path = md.class_record_path(spec, 1)
+  index = md.index_class_records(spec, 1)
+  # Bytes flipped inside record 3's data: its checksum fails when (and only when) it is read.
+  data = bytearray(open(path, "rb").read())
+  start = int(index[3, 0]) + 12 + 4
+  data[start:start + 4] = bytes(b ^ 0xFF for b in data[start:start + 4])
+  open(path, "wb").write(bytes(data))
+  assert len(md.read_records(path, index, [0, 5])) == 2
+  with pytest.raises(DataError, match=f"Corrupt record 3 in {path}") as e:
+    md.read_records(path, index, [0, 3])
+  assert "\n" not in str(e.value)
+  # A record that parses but whose image does not decode: named by the caller's name.
+  good = md.read_records(md.class_record_path(spec, 0), md.index_class_records(spec, 0), [0])[0]
+  with pytest.raises(DataError, match="Corrupt record 9 in X"):
+    md.decode_records([good, md_convert.serialize_example(b"not an image", 0)], 8,
+                      names=["8 in X", "9 in X"])
+  # A truncated file and a file with fewer records than the spec.
+  open(path, "wb").write(bytes(data[:-5]))
+  with pytest.raises(DataError, match=f"{path} is truncated in record 5"):
+    md.index_class_records(spec, 1)
+  open(path, "wb").write(bytes(data[:int(index[2, 0])]))
+  with pytest.raises(DataError, match="holds 2 records but dataset_spec.json says 6"):
+    md.index_class_records(spec, 1)
+
+
+def test_episode_source_decodes_only_the_sampled_images(tmp_path):
+  """Episodes read single records: the first episode decodes exactly its own images, a repeat
+  decodes nothing, a small cache evicts, and the images equal the class files' images."""
+  from visrep_jax.data import episode_pipeline as ep_lib
+  from visrep_jax.data import episodes as episodes_lib
+  images, labels = toy_arrays(channels=1, n_per_class=40, num_classes=8)
+  spec = md_convert.convert_arrays(images, labels, str(tmp_path / "toy"), "toy",
+                                   class_splits={"train": [0, 1, 2, 3, 4], "valid": [5],
+                                                 "test": [6, 7]})
+  descr = episodes_lib.EpisodeDescriptionConfig.fixed(3, 2, 3)
+  src = ep_lib.EpisodeSource(spec.path, "train", descr, 12, channels=1)
+  ep = src.sample(seed=1)
+  n_real = int(ep["support_mask"].sum() + ep["query_mask"].sum())
+  assert n_real == 3 * (2 + 3) and src._cache.decoded == n_real  # not 3 classes x 40 images
+  whole = {c: {im.tobytes() for im in md.load_class_images(spec, c, 12, 1)} for c in range(5)}
+  s = ep["support_mask"].shape[0]
+  for k in np.flatnonzero(np.concatenate([ep["support_mask"], ep["query_mask"]])):
+    assert any(ep["images"][k].tobytes() in whole[c] for c in whole)
+  again = src.sample(seed=1)
+  np.testing.assert_array_equal(again["images"], ep["images"])
+  assert src._cache.decoded == n_real  # served from the cache
+  # A cache of one image's bytes keeps at most one image but gives the same episodes.
+  small = ep_lib.EpisodeSource(spec.path, "train", descr, 12, channels=1, cache_bytes=144)
+  np.testing.assert_array_equal(small.sample(seed=1)["images"], ep["images"])
+  assert len(small._cache._items) <= 1
+  assert ep["images"][:s][ep["support_mask"]].shape[0] == 6
+
+
 def test_converter_refuses_non_empty_output(tmp_path):
   images, labels = toy_arrays()
   out = tmp_path / "out"

@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import os
 import queue
 import threading
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -52,28 +53,73 @@ def episode_seed(seed: int, index: int, salt: int = 0) -> int:
 
 
 class _ImageCache:
-  """Decoded class images (uint8 [N, H, W, C]) kept in memory up to ``max_bytes`` (LRU)."""
+  """Decoded images (uint8 [H, W, C]) by (class id, record number), kept up to ``max_bytes``
+  (least recently used first out).
+
+  Reads only the records an episode samples: each class file is indexed once (record offsets,
+  :func:`meta_dataset.index_class_records`), then the missing images of an episode are read by
+  offset and decoded together in one parallel tf.data pass. So memory and time per episode scale
+  with the episode, not with the class files (ILSVRC: ~1300 full-size JPEGs per class).
+  """
 
   def __init__(self, spec, image_size: int, channels: int, max_bytes: int):
     self.spec, self.image_size, self.channels = spec, image_size, channels
     self.max_bytes = max_bytes
-    self._items: "collections.OrderedDict[int, np.ndarray]" = collections.OrderedDict()
+    self._items: "collections.OrderedDict[Tuple[int, int], np.ndarray]" = (
+        collections.OrderedDict())
+    self._index: Dict[int, np.ndarray] = {}
     self._bytes = 0
     self._lock = threading.Lock()
+    self.decoded = 0  # images decoded so far (cache misses)
 
-  def get(self, class_id: int) -> np.ndarray:
+  def _class_index(self, class_id: int) -> np.ndarray:
     with self._lock:
-      if class_id in self._items:
-        self._items.move_to_end(class_id)
-        return self._items[class_id]
-    images = md.load_class_images(self.spec, class_id, self.image_size, self.channels)
+      index = self._index.get(class_id)
+    if index is None:
+      index = md.index_class_records(self.spec, class_id)
+      with self._lock:
+        self._index[class_id] = index
+    return index
+
+  def get_many(self, keys: Sequence[Tuple[int, int]]) -> List[np.ndarray]:
+    """The images of ``keys`` ((class id, record number) pairs), in that order."""
+    found: Dict[Tuple[int, int], np.ndarray] = {}
     with self._lock:
-      self._items[class_id] = images
-      self._bytes += images.nbytes
-      while self._bytes > self.max_bytes and len(self._items) > 1:
-        _, old = self._items.popitem(last=False)
-        self._bytes -= old.nbytes
-    return images
+      for key in keys:
+        if key in self._items:
+          self._items.move_to_end(key)
+          found[key] = self._items[key]
+    missing = sorted({k for k in keys if k not in found})
+    if missing:
+      serialized, names = [], []
+      for class_id, group in itertools.groupby(missing, key=lambda k: k[0]):
+        records = [r for _, r in group]
+        index = self._class_index(class_id)
+        bad = [r for r in records if not 0 <= r < len(index)]
+        if bad:
+          raise EpisodeError(f"record {bad[0]} of class {class_id} of {self.spec.name} does not "
+                             f"exist (the class has {len(index)}): dataset_spec.json and the "
+                             "class files disagree; re-run the conversion.")
+        path = md.class_record_path(self.spec, class_id)
+        serialized += md.read_records(path, index, records)
+        names += [f"{r} in {path}" for r in records]
+      images, labels = md.decode_records(serialized, self.image_size, self.channels, names)
+      for (class_id, _), label, name in zip(missing, labels, names):
+        if label != class_id:
+          raise DataError(f"Record {name} has label {label}, expected {class_id}: the file "
+                          "does not belong to this class id; re-run the conversion.")
+      with self._lock:
+        self.decoded += len(missing)
+        for key, image in zip(missing, images):
+          image = np.ascontiguousarray(image)
+          found[key] = image
+          if key not in self._items:
+            self._items[key] = image
+            self._bytes += image.nbytes
+        while self._bytes > self.max_bytes and self._items:
+          _, old = self._items.popitem(last=False)
+          self._bytes -= old.nbytes
+    return [found[k] for k in keys]
 
 
 @dataclasses.dataclass
@@ -141,10 +187,14 @@ class EpisodeSource:
     class_set = self.sampler.class_set  # relative -> dataset class id
     size, c = self.image_size, self.channels
     images = np.zeros((shapes.support + shapes.query, size, size, c), np.uint8)
+    slots, keys = [], []
     for part, offset in (("support", 0), ("query", shapes.support)):
       classes, within = padded[f"{part}_classes"], padded[f"{part}_images"]
       for k in np.flatnonzero(padded[f"{part}_mask"]):
-        images[offset + k] = self._cache.get(int(class_set[int(classes[k])]))[int(within[k])]
+        slots.append(offset + k)
+        keys.append((int(class_set[int(classes[k])]), int(within[k])))
+    for slot, image in zip(slots, self._cache.get_many(keys)):
+      images[slot] = image
     return {
         "images": images,
         "support_labels": np.where(padded["support_mask"], padded["support_labels"], -1

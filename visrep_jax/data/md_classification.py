@@ -199,7 +199,7 @@ class MetaDatasetClassification(sources.Source):
                       f"({counts} train/valid/test classes in {self.spec.path}); choose another "
                       "split.")
     md.check_class_files(self.spec, s.split)
-    ranges = tuple((c,) + s.image_range(md._num_records(self.spec, c)) for c in ids)
+    ranges = tuple((c,) + s.image_range(md.num_class_records(self.spec, c)) for c in ids)
     if s.sampling == "uniform":
       empty = [c for c, lo, hi in ranges if hi <= lo]
       if empty:
@@ -299,7 +299,7 @@ def md_resize(size: int):
     shape = tf.shape(img)
     same = tf.logical_and(tf.equal(shape[0], size), tf.equal(shape[1], size))
     out = tf.cond(same, lambda: tf.cast(img, tf.float32),
-                  lambda: tf.clip_by_value(tf.round(md._resize_official(img, size)), 0.0, 255.0))
+                  lambda: tf.clip_by_value(tf.round(md.resize_official(img, size)), 0.0, 255.0))
     out.set_shape([size, size, img.shape[-1]])
     return out
   return preprocess.image_op(fn)

@@ -677,7 +677,7 @@ def make_class_dataset(spec: AnySpec, class_id: int, *, shuffle: bool = False,
   if num_prefetch > 0:
     ds = ds.prefetch(num_prefetch)
   if shuffle and shuffle_buffer_size > 0:
-    n = _num_records(spec, class_id)
+    n = num_class_records(spec, class_id)
     ds = ds.shuffle(min(int(n), shuffle_buffer_size), seed=shuffle_seed,
                     reshuffle_each_iteration=True)
   if repeat:
@@ -704,7 +704,7 @@ def parse_example(example_string):
   return features["image"], features["label"]
 
 
-def _resize_official(image, image_size: int):
+def resize_official(image, image_size: int):
   """Square bilinear resize with align_corners=True (the official ImageDecoder's), float32."""
   tf = tf_host()
   return tf.compat.v1.image.resize_images(image, [image_size, image_size],
@@ -718,7 +718,7 @@ def decode_example(example_string, image_size: int, channels: int = 3):
   tf = tf_host()
   image_bytes, label = parse_example(example_string)
   image = tf.io.decode_image(image_bytes, channels=channels, expand_animations=False)
-  image = _resize_official(image, image_size)
+  image = resize_official(image, image_size)
   image.set_shape([image_size, image_size, channels])
   return 2.0 * (image / 255.0 - 0.5), label
 
@@ -732,12 +732,13 @@ def _decode_uint8(example_string, image_size: Optional[int], channels: int):
     image = tf.cond(
         tf.logical_and(tf.equal(shape[0], image_size), tf.equal(shape[1], image_size)),
         lambda: image,  # already the size: no resampling, the pixels stay exact
-        lambda: tf.cast(tf.clip_by_value(tf.round(_resize_official(image, image_size)), 0, 255),
+        lambda: tf.cast(tf.clip_by_value(tf.round(resize_official(image, image_size)), 0, 255),
                         tf.uint8))
   return image, label
 
 
-def _num_records(spec: AnySpec, class_id: int) -> int:
+def num_class_records(spec: AnySpec, class_id: int) -> int:
+  """Number of records (images) of ``class_id`` in ``dataset_spec.json``."""
   if isinstance(spec, HierarchicalDatasetSpecification):
     return spec.get_total_images_per_class(class_id)
   if class_id not in spec.images_per_class:
@@ -788,7 +789,7 @@ def load_class_images(spec: AnySpec, class_id: int, image_size: Optional[int] = 
   if wrong:
     raise DataError(f"Record {wrong[0]} of {path} has label {labels[wrong[0]]}, expected "
                     f"{class_id}: the file does not belong to this class id; re-run the conversion.")
-  expected = _num_records(spec, class_id)
+  expected = num_class_records(spec, class_id)
   if max_images is not None:
     expected = min(max_images, expected)
   if len(images) != expected:
@@ -802,6 +803,123 @@ def load_class_images(spec: AnySpec, class_id: int, image_size: Optional[int] = 
     raise DataError(f"Images of class {class_id} in {path} have different sizes "
                     f"({sorted(shapes)[:3]}...); pass image_size= to resize them.")
   return np.stack(images)
+
+
+# ----------------------------------------------------------------------------------------------
+# Random access to single records (the episode pipeline of large sources such as ILSVRC).
+#
+# A TFRecord file is a sequence of records framed as
+#   uint64 length (little endian) | uint32 masked CRC-32C of the length | data[length] |
+#   uint32 masked CRC-32C of the data.
+# Scanning the 12-byte headers (one seek per record) gives every record's position, so an
+# episode reads and decodes only the images it samples instead of whole class files (an ILSVRC
+# class file holds ~1300 full-size JPEGs; an episode samples a few of each of up to 50 classes).
+# Records are read with TensorFlow's random-access record reader, which checks both CRCs (a
+# damaged record is a DataError naming the file and record), or, where that (internal) reader is
+# missing, by plain seek + read.
+
+_HEADER = 12  # length + its CRC
+_FOOTER = 4   # CRC of the data
+
+
+def index_class_records(spec: AnySpec, class_id: int) -> np.ndarray:
+  """``int64 [N, 2]``: (byte offset of the record, data length) of every record of the class
+  file, in file order. Raises DataError for a missing or truncated file, or a record count that
+  differs from ``dataset_spec.json``."""
+  path = class_record_path(spec, class_id)
+  if not os.path.exists(path):
+    raise DataError(f"Missing class file {path} (class {class_id} of {spec.name}): the conversion "
+                    "did not finish; re-run it.")
+  size = os.path.getsize(path)
+  rows = []
+  with open(path, "rb") as f:
+    pos = 0
+    while pos < size:
+      f.seek(pos)
+      header = f.read(_HEADER)
+      if len(header) < _HEADER:
+        raise DataError(f"{path} is truncated in the header of record {len(rows)}: the conversion "
+                        "did not finish; re-run it.")
+      length = int.from_bytes(header[:8], "little")
+      end = pos + _HEADER + length + _FOOTER
+      if end > size:
+        raise DataError(f"{path} is truncated in record {len(rows)} ({length} bytes announced, "
+                        f"{size - pos - _HEADER} left): the conversion did not finish; re-run it.")
+      rows.append((pos, length))
+      pos = end
+  expected = num_class_records(spec, class_id)
+  if len(rows) != expected:
+    raise DataError(f"{path} holds {len(rows)} records but {SPEC_FILENAME} says {expected}: "
+                    "the conversion did not finish; re-run it.")
+  return np.asarray(rows, np.int64).reshape(-1, 2)
+
+
+def _random_record_reader(path: str):
+  try:
+    from tensorflow.python.lib.io import _pywrap_record_io  # pylint: disable=g-import-not-at-top
+    return _pywrap_record_io.RandomRecordReader(path)
+  except (ImportError, AttributeError):
+    return None
+
+
+def read_records(path: str, index: np.ndarray, records: Sequence[int]) -> List[bytes]:
+  """The serialized records ``records`` (numbers in file order) of ``path``, given its
+  :func:`index_class_records` ``index``, read in offset order; CRCs checked (see above)."""
+  tf_host()  # TensorFlow's error types and reader
+  out: Dict[int, bytes] = {}
+  wanted = sorted(set(int(r) for r in records))
+  reader = _random_record_reader(path)
+  if reader is not None:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    try:
+      for r in wanted:
+        try:
+          out[r], _ = reader.read(int(index[r, 0]))
+        except tf.errors.OpError as e:
+          raise DataError(f"Corrupt record {r} in {path} ({_one_line(e)}); re-run the conversion "
+                          "of this class.") from None
+    finally:
+      reader.close()
+  else:
+    with open(path, "rb") as f:
+      for r in wanted:
+        offset, length = (int(v) for v in index[r])
+        f.seek(offset + _HEADER)
+        out[r] = f.read(length)
+        if len(out[r]) != length:
+          raise DataError(f"Corrupt record {r} in {path} (truncated); re-run the conversion of "
+                          "this class.")
+  return [out[int(r)] for r in records]
+
+
+def decode_records(serialized: Sequence[bytes], image_size: int, channels: int = 3,
+                   names: Optional[Sequence[str]] = None) -> Tuple[np.ndarray, np.ndarray]:
+  """Decodes serialized records in parallel (one tf.data pass): ``(uint8 [n, size, size, C],
+  int64 labels [n])``, the pixels :func:`load_class_images` gives for the same records.
+  ``names[i]`` ('R in FILE') names record i in the DataError of a corrupt record."""
+  tf = tf_host()
+  if not image_size or channels not in (1, 3):
+    raise ValueError("decode_records needs an image_size and channels 1 or 3 (one static shape)")
+  n = len(serialized)
+  if n == 0:
+    return np.zeros((0, image_size, image_size, channels), np.uint8), np.zeros((0,), np.int64)
+  ds = tf.data.Dataset.from_tensor_slices(tf.constant(list(serialized), tf.string))
+  ds = ds.map(lambda s: _decode_uint8(s, image_size, channels),
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  try:
+    images, labels = zip(*ds.batch(256).as_numpy_iterator())
+    return np.concatenate(images), np.concatenate(labels)
+  except tf.errors.OpError:
+    pass
+  for i, s in enumerate(serialized):  # name the bad record
+    try:
+      _decode_uint8(tf.constant(s), image_size, channels)
+    except tf.errors.OpError as e:
+      where = names[i] if names else str(i)
+      raise DataError(f"Corrupt record {where} ({_one_line(e)}); re-run the conversion of this "
+                      "class.") from None
+  raise DataError("Decoding a batch of records failed but every record decodes alone; "
+                  "report this with the source's dataset_spec.json.")
 
 
 def load_split_images(spec: AnySpec, split: Split, image_size: Optional[int] = None,

@@ -164,6 +164,20 @@ def _fused_self_attention_bwd(num_heads, res, g):
 _fused_self_attention.defvjp(_fused_self_attention_fwd, _fused_self_attention_bwd)
 
 
+ATTENTION_IMPLEMENTATIONS = ("bhnd", "xla", "cudnn")
+
+
+def default_attention_implementation(dtype, dropout: bool = False) -> str:
+  """What ``self_attention(..., implementation=None)`` runs for inputs of ``dtype``."""
+  backend = jax.default_backend()
+  if dropout or backend == "cpu":
+    return "bhnd"
+  if backend in ("gpu", "cuda") and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16),
+                                                         jnp.dtype(jnp.float16)):
+    return "cudnn"
+  return "xla"
+
+
 def self_attention(qkv, num_heads: int, dropout_fn: Optional[Callable] = None,
                    implementation: Optional[str] = None):
   """Multi-head scaled dot-product self-attention from a fused qkv projection.
@@ -172,8 +186,10 @@ def self_attention(qkv, num_heads: int, dropout_fn: Optional[Callable] = None,
     qkv: (batch, tokens, 3 * dim), features ordered [q | k | v], each head-major (timm/deit).
     num_heads: number of heads; scale is head_dim ** -0.5.
     dropout_fn: applied to the attention probabilities (attention dropout in training).
-    implementation: 'bhnd' (CPU-tuned, below), 'jax' (``jax.nn.dot_product_attention``) or None:
-      'bhnd' on the CPU backend, 'jax' elsewhere (it dispatches to cuDNN flash attention on GPU).
+    implementation: 'bhnd' (CPU-tuned, below), 'xla' (``jax.nn.dot_product_attention``, XLA's
+      fusions), 'cudnn' (the same function's cuDNN flash attention: GPU only, float16/bfloat16
+      inputs, no dropout) or None: 'bhnd' on the CPU backend or with attention dropout, 'cudnn'
+      on GPU for 16-bit inputs, 'xla' otherwise (TPU; float32 on GPU).
 
   Returns: (batch, tokens, dim).
 
@@ -192,15 +208,18 @@ def self_attention(qkv, num_heads: int, dropout_fn: Optional[Callable] = None,
   hd = d // h
   scale = hd ** -0.5
   if implementation is None:
-    implementation = "bhnd" if (dropout_fn is not None or jax.default_backend() == "cpu") else "jax"
-  if implementation == "jax":
+    implementation = default_attention_implementation(qkv.dtype, dropout_fn is not None)
+  if implementation in ("xla", "cudnn"):
     if dropout_fn is not None:
-      raise ValueError("implementation='jax' does not support attention dropout")
+      raise ValueError(f"attention implementation {implementation!r} does not support attention "
+                       "dropout: use 'bhnd' (or attn_dropout=0)")
     qkv = qkv.reshape(b, n, 3, h, hd)
-    out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], scale=scale)
+    out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], scale=scale,
+                                       implementation=implementation)
     return out.reshape(b, n, d)
   if implementation != "bhnd":
-    raise ValueError(f"unknown attention implementation {implementation!r}")
+    raise ValueError(f"unknown attention implementation {implementation!r}; valid: "
+                     f"{', '.join(ATTENTION_IMPLEMENTATIONS)} or None (pick by backend)")
   if dropout_fn is None:
     return _fused_self_attention(qkv, h)
   # Attention dropout (rare in practice): plain autodiff.
@@ -253,6 +272,7 @@ class LayerScaleBlock(nn.Module):
   attn_dropout: float = 0.0
   dtype: Dtype = jnp.float32
   attn_cls: Any = None  # None: Attention
+  attn_implementation: Optional[str] = None  # Attention's implementation (None: by backend)
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
@@ -265,9 +285,13 @@ class LayerScaleBlock(nn.Module):
       gamma = self.param(name, nn.initializers.constant(self.layerscale_init), (d,), jnp.float32)
       return y * gamma.astype(y.dtype)
 
-    y = (self.attn_cls or Attention)(self.num_heads, self.qkv_bias, self.attn_dropout,
-                                     self.dropout, dtype=self.dtype,
-                                     name="attn")(norm("norm1")(x), deterministic)
+    if self.attn_cls is None:
+      attn = Attention(self.num_heads, self.qkv_bias, self.attn_dropout, self.dropout,
+                       dtype=self.dtype, implementation=self.attn_implementation, name="attn")
+    else:
+      attn = self.attn_cls(self.num_heads, self.qkv_bias, self.attn_dropout, self.dropout,
+                           dtype=self.dtype, name="attn")
+    y = attn(norm("norm1")(x), deterministic)
     x = x + DropPath(self.drop_path)(scale(y, "gamma_1"), deterministic)
     y = Mlp(int(d * self.mlp_ratio), dropout=self.dropout, dtype=self.dtype,
             name="mlp")(norm("norm2")(x), deterministic)

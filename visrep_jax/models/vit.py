@@ -55,6 +55,7 @@ class VisionTransformer(nn.Module):
   global_pool: str = "token"                # 'token' (class token) or 'avg' (mean of patches)
   dtype: Dtype = jnp.float32                # compute dtype; parameters stay float32
   remat: bool = False                       # rematerialise each block in the backward pass
+  attention: Optional[str] = None           # 'bhnd' | 'xla' | 'cudnn'; None: by backend/dtype
   distilled: bool = False                   # DeiT-distilled: dist_token + head_dist
   distilled_fusion: str = "mean_logits"     # eval-mode fusion of the heads: or 'mean_probs'
 
@@ -113,7 +114,7 @@ class VisionTransformer(nn.Module):
       x = block_cls(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias,
                     layerscale_init=self.layerscale_init, drop_path=dp, dropout=self.dropout,
                     attn_dropout=self.attn_dropout, dtype=self.dtype,
-                    name=f"blocks_{i}")(x, deterministic)
+                    attn_implementation=self.attention, name=f"blocks_{i}")(x, deterministic)
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
     tokens = x[:, n_prefix:]
     out = {"tokens": tokens, "grid": (gh, gw)}
