@@ -55,3 +55,13 @@ def test_input_benchmark_reports_pipeline_vs_step():
                      timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "input pipeline alone" in r.stdout and "pipeline / step =" in r.stdout
+
+
+def test_episode_benchmark_compares_record_and_whole_class_readers(tmp_path):
+  r = subprocess.run([sys.executable, "scripts/benchmark_episodes.py", f"--data={tmp_path}",
+                      "--classes=6", "--per_class=12", "--height=40", "--width=50",
+                      "--episodes=2", "--image_size=16"],
+                     cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "wrote 10 classes x 12 JPEGs 40x50" in r.stdout
+  assert "records:" in r.stdout and "records reader" in r.stdout
