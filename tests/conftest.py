@@ -35,3 +35,25 @@ def subprocess_env(num_devices: int = 1, **extra):
 requires_fashion_mnist = pytest.mark.skipif(
     not os.path.exists(FASHION_MNIST) and not os.environ.get("CI"),
     reason="Debian's dataset-fashion-mnist is not installed (CI installs it)")
+
+
+def load_config(name, arg=None):
+  """``configs/<name>.py``'s ``get_config(arg)``, loaded from the file as ``--config`` does."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}",
+                                                os.path.join(REPO, "configs", f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
+@pytest.fixture(scope="module")
+def mini_dir(tmp_path_factory):
+  """The few-shot mini benchmark (Fashion-MNIST + digits in Meta-Dataset's format), 40 images
+  per class as ``configs/ctx.py:runlocal`` builds it."""
+  if not os.path.exists(FASHION_MNIST):
+    pytest.skip("Debian's dataset-fashion-mnist is not installed")
+  from visrep_jax.data import md_mini
+  d = str(tmp_path_factory.mktemp("md_mini"))
+  md_mini.build_mini_benchmark(d, max_images_per_class=40)
+  return d

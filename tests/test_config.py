@@ -1,19 +1,13 @@
 """Config parsing and start-up validation: every bad input fails early with a helpful message."""
 
-import importlib.util
-import os
-
 import pytest
 
 from visrep_jax import config_lib
-from conftest import REPO
+import conftest
 
 
 def load_config(arg=None, name="deit3"):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+  return conftest.load_config(name, arg)
 
 
 def test_deit3_default_is_the_thesis_imagenet1k_recipe():

@@ -11,33 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import requires_fashion_mnist
+from conftest import load_config, requires_fashion_mnist
 from visrep_jax import config_lib, models
 from visrep_jax.config_lib import ConfigError
 from visrep_jax.data import episode_pipeline as ep_lib
 from visrep_jax.models import fewshot
 from visrep_jax.trainers import episodic
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_config(name, arg):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(REPO, "configs",
-                                                                            f"{name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
-
-
-@pytest.fixture(scope="module")
-def mini_dir(tmp_path_factory):
-  if not os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"):
-    pytest.skip("Debian's dataset-fashion-mnist is not installed")
-  from visrep_jax.data import md_mini
-  d = str(tmp_path_factory.mktemp("md_mini"))
-  md_mini.build_mini_benchmark(d, max_images_per_class=40)
-  return d
 
 
 def test_confidence_interval_is_meta_datasets_formula():
@@ -139,7 +118,9 @@ def test_episode_stream_is_a_function_of_the_index(mini_dir):
                              episodic.descr_config(c.episodes), 28, channels=1)
   a = ep_lib.EpisodeStream([src], seed=3, start=0, prefetch=2)
   eps = [next(a) for _ in range(5)]
-  a.close()
+  worker = a._thread
+  a.close()  # waits for the prefetch thread: none is left inside TensorFlow at exit
+  assert worker is not None and not worker.is_alive()
   b = ep_lib.EpisodeStream([src], seed=3, start=3, prefetch=0)
   for want in eps[3:]:
     got = next(b)

@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from conftest import REPO, requires_fashion_mnist, subprocess_env
-from test_episodic import load_config, mini_dir  # noqa: F401  (the module-scoped fixture)
+from conftest import REPO, load_config, requires_fashion_mnist, subprocess_env
 from visrep_jax import config_lib
 from visrep_jax.config_lib import ConfigError
 from visrep_jax.data import episode_pipeline as ep_lib

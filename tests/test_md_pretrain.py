@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, requires_fashion_mnist, subprocess_env
+from conftest import REPO, load_config, requires_fashion_mnist, subprocess_env
 from visrep_jax import config_lib
 from visrep_jax.data import DataError, md_classification, md_convert, pipeline, sources, tf_host
 from visrep_jax.data import meta_dataset as md
@@ -24,15 +24,6 @@ from visrep_jax.evaluators import linear_probe
 # test 6. Pixel (0, 0) holds the original label, pixel (0, 1) the image's index in its class.
 SIZES = {0: 30, 1: 10, 2: 20, 3: 5, 4: 12, 5: 12, 6: 8}
 SPLITS = {"train": [0, 1, 2, 3], "valid": [4, 5], "test": [6]}
-
-
-def load_config(name, arg):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}",
-                                                os.path.join(REPO, "configs", f"{name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
 
 
 @pytest.fixture(scope="module")
@@ -242,16 +233,6 @@ def test_early_stopping_counts_evaluations_since_the_best_and_resumes(tmp_path):
   assert again.evals_since_best == 1 and not again.should_stop
   assert again.update(40, 0.7) and again.best == (40, 0.7)  # re-evaluating a step replaces it
   assert not linear_probe.EarlyStopping(path, patience=0).should_stop  # 0: never stops
-
-
-@pytest.fixture(scope="module")
-def mini_dir(tmp_path_factory):
-  if not os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"):
-    pytest.skip("Debian's dataset-fashion-mnist is not installed")
-  from visrep_jax.data import md_mini
-  d = str(tmp_path_factory.mktemp("md_mini"))
-  md_mini.build_mini_benchmark(d, max_images_per_class=40)  # as configs/ctx.py:runlocal
-  return d
 
 
 @requires_fashion_mnist

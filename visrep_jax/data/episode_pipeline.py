@@ -275,20 +275,26 @@ class EpisodeStream:
     ep["source"] = src.name
     return ep
 
+  def _put(self, item) -> bool:
+    """Queues ``item`` unless the stream is closed first; returns whether it was queued."""
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
   def _worker(self):
     i = self.index
     try:
       while not self._stop.is_set():
         item = self.episode(i)
         i += 1
-        while not self._stop.is_set():
-          try:
-            self._queue.put(item, timeout=0.1)
-            break
-          except queue.Full:
-            continue
+        if not self._put(item):
+          return
     except BaseException as e:  # surfaced in __next__
-      self._queue.put(e)
+      self._put(e)
 
   def __iter__(self) -> Iterator[Dict[str, np.ndarray]]:
     return self
@@ -307,8 +313,19 @@ class EpisodeStream:
     self.index += 1
     return item
 
-  def close(self):
+  def close(self, timeout: float = 300.0):
+    """Stops the prefetch thread and waits for it (it finishes the episode it is building): a
+    thread left inside TensorFlow while the interpreter exits can abort the process."""
     self._stop.set()
+    if self._thread is not None:
+      self._thread.join(timeout)
+      self._thread = None
+
+  def __enter__(self) -> "EpisodeStream":
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
 
 
 def open_sources(data_dir: str, names: Sequence[str], split, descr_config, image_size: int,

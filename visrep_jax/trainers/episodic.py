@@ -320,7 +320,6 @@ def evaluate_episodes(b, state, sources: List[ep_lib.EpisodeSource], num_episode
   lr = b.get("lr")
   results = {}
   for src in sources:
-    stream = ep_lib.EpisodeStream([src], seed=seed, shapes=b["shapes"], prefetch=2)
     accs: Dict[str, list] = {"accuracy": [], "head_accuracy": [], "lr_accuracy": []}
     losses = []
 
@@ -334,17 +333,17 @@ def evaluate_episodes(b, state, sources: List[ep_lib.EpisodeSource], num_episode
         accs[k].append(v)
 
     pending = None
-    for i in range(num_episodes):
-      ep = next(stream)
-      out = b["eval_step"](state, device_batch(ep, b["batch_shardings"]))
-      if pending is not None:
-        finish(*pending)  # the LR of episode i - 1 while the device runs episode i
-      pending = (ep, out)
-      if progress and (i + 1) % 100 == 0:
-        _log("  %s: %d/%d episodes", src.name, i + 1, num_episodes)
+    with ep_lib.EpisodeStream([src], seed=seed, shapes=b["shapes"], prefetch=2) as stream:
+      for i in range(num_episodes):
+        ep = next(stream)
+        out = b["eval_step"](state, device_batch(ep, b["batch_shardings"]))
+        if pending is not None:
+          finish(*pending)  # the LR of episode i - 1 while the device runs episode i
+        pending = (ep, out)
+        if progress and (i + 1) % 100 == 0:
+          _log("  %s: %d/%d episodes", src.name, i + 1, num_episodes)
     if pending is not None:
       finish(*pending)
-    stream.close()
     r = {}
     for k, v in accs.items():
       if v:
@@ -461,37 +460,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     if b["aux_head"] is not None:
       _log("Auxiliary loss: %d-way train-class cross-entropy on pooled support features, "
            "weight %g.", b["num_train_classes"], config.fewshot.aux_loss_weight)
-    pending, t0 = [], time.time()
-    step = start
-    while step < total:
-      ep = next(stream)
-      state, m = b["train_step"](state, device_batch(ep, b["batch_shardings"]))
-      step += 1
-      pending.append(m)
-      if step % config.log_every_steps == 0 or step == total:
-        stats = jax.device_get(pending)
-        pending = []
-        loss = float(np.mean([s["loss"] for s in stats]))
-        if not np.isfinite(loss):
-          raise NonFiniteLossError(f"Non-finite loss at episode {step}; the update was skipped "
-                                   "and the last checkpoint is intact: lower the learning rate.")
-        scalars = {"train/loss": loss,
-                   "train/accuracy": float(np.mean([s["accuracy"] for s in stats])),
-                   **({"train/aux_loss": float(np.mean([s["aux_loss"] for s in stats]))}
-                      if "aux_loss" in stats[0] else {}),
-                   "train/grad_norm": float(np.mean([s["grad_norm"] for s in stats])),
-                   "train/lr": float(b["lr_fn"](step - 1)),
-                   "train/episodes_per_sec": len(stats) / max(time.time() - t0, 1e-9)}
-        t0 = time.time()
-        writer.write_scalars(step, scalars)
-        _log("episode %d/%d  loss %.4f  accuracy %.4f  lr %.3g  %.2f episodes/s", step, total,
-             loss, scalars["train/accuracy"], scalars["train/lr"],
-             scalars["train/episodes_per_sec"])
-      if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
-        ckpt.save(step, state, {"step": step})
-      if valid and config.eval_every_steps and step % config.eval_every_steps == 0:
-        run_valid(step)
-    stream.close()
+    try:
+      pending, t0 = [], time.time()
+      step = start
+      while step < total:
+        ep = next(stream)
+        state, m = b["train_step"](state, device_batch(ep, b["batch_shardings"]))
+        step += 1
+        pending.append(m)
+        if step % config.log_every_steps == 0 or step == total:
+          stats = jax.device_get(pending)
+          pending = []
+          loss = float(np.mean([s["loss"] for s in stats]))
+          if not np.isfinite(loss):
+            raise NonFiniteLossError(f"Non-finite loss at episode {step}; the update was skipped "
+                                     "and the last checkpoint is intact: lower the learning rate.")
+          scalars = {"train/loss": loss,
+                     "train/accuracy": float(np.mean([s["accuracy"] for s in stats])),
+                     **({"train/aux_loss": float(np.mean([s["aux_loss"] for s in stats]))}
+                        if "aux_loss" in stats[0] else {}),
+                     "train/grad_norm": float(np.mean([s["grad_norm"] for s in stats])),
+                     "train/lr": float(b["lr_fn"](step - 1)),
+                     "train/episodes_per_sec": len(stats) / max(time.time() - t0, 1e-9)}
+          t0 = time.time()
+          writer.write_scalars(step, scalars)
+          _log("episode %d/%d  loss %.4f  accuracy %.4f  lr %.3g  %.2f episodes/s", step, total,
+               loss, scalars["train/accuracy"], scalars["train/lr"],
+               scalars["train/episodes_per_sec"])
+        if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+          ckpt.save(step, state, {"step": step})
+        if valid and config.eval_every_steps and step % config.eval_every_steps == 0:
+          run_valid(step)
+    finally:
+      stream.close()  # also on errors: no thread left inside TensorFlow at exit
     ckpt.save(total, state, {"step": total}, force=True)
     if valid and (not config.eval_every_steps or total % config.eval_every_steps):
       run_valid(total)
