@@ -13,8 +13,10 @@ same process and interleaved with JAX so that background load affects both alike
   * MFU against a matmul peak measured on this machine in the benchmark's dtype.
 Each figure is the median over ``--repeats`` timed windows of ``--steps`` steps.
 
-TensorFlow is never imported (it is blocked below, so a transitive import fails loudly);
-torch is imported only with ``--vs-timm``.
+On a GPU, timm runs on CUDA too (``--torch_device``), with ``torch.autocast`` for
+``--dtype=bfloat16`` and TF32 float32 matmuls (JAX's default there); ``--attention`` picks the
+JAX attention implementation. TensorFlow is never imported (it is blocked below, so a transitive
+import fails loudly); torch is imported only with ``--vs-timm``.
 """
 
 from __future__ import annotations
