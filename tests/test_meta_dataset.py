@@ -370,6 +370,13 @@ def test_random_access_errors_name_file_and_record(tmp_path):
   with pytest.raises(DataError, match="Corrupt record 9 in X"):
     md.decode_records([good, md_convert.serialize_example(b"not an image", 0)], 8,
                       names=["8 in X", "9 in X"])
+  # The file shortened or removed after it was indexed: a DataError, not a raw reader error.
+  open(path, "wb").write(bytes(data[:int(index[4, 0])]))
+  with pytest.raises(DataError, match=f"Corrupt record 5 in {path}.*changed while it was read"):
+    md.read_records(path, index, [5])
+  os.remove(path)
+  with pytest.raises(DataError, match=f"Corrupt record 0 in {path}"):
+    md.read_records(path, index, [0])
   # A truncated file and a file with fewer records than the spec.
   open(path, "wb").write(bytes(data[:-5]))
   with pytest.raises(DataError, match=f"{path} is truncated in record 5"):
@@ -380,31 +387,83 @@ def test_random_access_errors_name_file_and_record(tmp_path):
 
 
 def test_episode_source_decodes_only_the_sampled_images(tmp_path):
-  """Episodes read single records: the first episode decodes exactly its own images, a repeat
-  decodes nothing, a small cache evicts, and the images equal the class files' images."""
+  """Episodes read single records: every slot holds exactly the record the sampler picked, the
+  first episode decodes only its own images, a repeat decodes none, a small cache evicts, and a
+  class file rewritten after indexing is re-indexed (its cached images dropped)."""
   from visrep_jax.data import episode_pipeline as ep_lib
   from visrep_jax.data import episodes as episodes_lib
+  tf = tf_host()
   images, labels = toy_arrays(channels=1, n_per_class=40, num_classes=8)
   spec = md_convert.convert_arrays(images, labels, str(tmp_path / "toy"), "toy",
                                    class_splits={"train": [0, 1, 2, 3, 4], "valid": [5],
                                                  "test": [6, 7]})
   descr = episodes_lib.EpisodeDescriptionConfig.fixed(3, 2, 3)
   src = ep_lib.EpisodeSource(spec.path, "train", descr, 12, channels=1)
+
+  def expected_images(seed):
+    """The episode's images slot by slot, from the whole-file reader (EpisodeSource.sample's
+    index sampling, replayed)."""
+    src.sampler.reseed(seed)
+    description = src.sampler.sample_episode_description()
+    rng = np.random.RandomState(ep_lib.episode_seed(seed, 0, 1))
+    idx = episodes_lib.sample_episode_indices(description, src.sampler.images_per_class, rng)
+    padded = episodes_lib.pad_episode(idx, src.shapes.support, src.shapes.query, src.shapes.ways)
+    out = np.zeros((src.shapes.support + src.shapes.query, 12, 12, 1), np.uint8)
+    for part, offset in (("support", 0), ("query", src.shapes.support)):
+      for k in np.flatnonzero(padded[f"{part}_mask"]):
+        class_id = int(src.sampler.class_set[int(padded[f"{part}_classes"][k])])
+        out[offset + k] = md.load_class_images(spec, class_id, 12, 1)[
+            int(padded[f"{part}_images"][k])]
+    return out
+
   ep = src.sample(seed=1)
+  np.testing.assert_array_equal(ep["images"], expected_images(1))
   n_real = int(ep["support_mask"].sum() + ep["query_mask"].sum())
   assert n_real == 3 * (2 + 3) and src._cache.decoded == n_real  # not 3 classes x 40 images
-  whole = {c: {im.tobytes() for im in md.load_class_images(spec, c, 12, 1)} for c in range(5)}
-  s = ep["support_mask"].shape[0]
-  for k in np.flatnonzero(np.concatenate([ep["support_mask"], ep["query_mask"]])):
-    assert any(ep["images"][k].tobytes() in whole[c] for c in whole)
   again = src.sample(seed=1)
   np.testing.assert_array_equal(again["images"], ep["images"])
   assert src._cache.decoded == n_real  # served from the cache
+  np.testing.assert_array_equal(src.sample(seed=2)["images"], expected_images(2))
   # A cache of one image's bytes keeps at most one image but gives the same episodes.
   small = ep_lib.EpisodeSource(spec.path, "train", descr, 12, channels=1, cache_bytes=144)
   np.testing.assert_array_equal(small.sample(seed=1)["images"], ep["images"])
-  assert len(small._cache._items) <= 1
-  assert ep["images"][:s][ep["support_mask"]].shape[0] == 6
+  assert len(small._cache._items) <= 1 and small._cache._bytes <= 144
+  # Re-converting a class (other pixels, same count) after it was indexed and cached.
+  class_ids = {int(src.sampler.class_set[int(c)])
+               for c in np.unique(ep["support_labels"][ep["support_mask"]])}
+  cid = min(class_ids)
+  with tf.io.TFRecordWriter(md.class_record_path(spec, cid)) as w:
+    for _ in range(40):
+      w.write(md_convert.serialize_example(md_convert.encode_image(
+          np.full((12, 10, 1), 7, np.uint8)), cid))
+  os.utime(md.class_record_path(spec, cid), ns=(1, 1))  # a new stamp even on coarse clocks
+  fresh = src.sample(seed=3)
+  np.testing.assert_array_equal(fresh["images"], expected_images(3))
+
+
+def test_episode_stream_close_and_errors(tmp_path):
+  """A closed stream refuses more episodes (no hang); a worker error is raised on every call."""
+  from visrep_jax.data import episode_pipeline as ep_lib
+  from visrep_jax.data import episodes as episodes_lib
+  images, labels = toy_arrays(channels=1, n_per_class=10, num_classes=8)
+  spec = md_convert.convert_arrays(images, labels, str(tmp_path / "toy"), "toy",
+                                   class_splits={"train": [0, 1, 2, 3, 4], "valid": [5],
+                                                 "test": [6, 7]})
+  src = ep_lib.EpisodeSource(spec.path, "train", episodes_lib.EpisodeDescriptionConfig.fixed(
+      3, 2, 3), 12, channels=1)
+  stream = ep_lib.EpisodeStream([src], seed=0, prefetch=2)
+  next(stream)
+  stream.close()
+  with pytest.raises(ep_lib.EpisodeError, match="closed"):
+    next(stream)
+  os.remove(md.class_record_path(spec, 2))
+  src._cache._index.clear()
+  src._cache._items.clear()
+  with ep_lib.EpisodeStream([src], seed=0, prefetch=2) as broken:
+    for _ in range(2):  # the same one-line error, not a hang, on the next call too
+      with pytest.raises(DataError, match="Missing class file"):
+        for _ in range(20):
+          next(broken)
 
 
 def test_converter_refuses_non_empty_output(tmp_path):

@@ -140,7 +140,7 @@ def test_cudnn_attention_matches_xla():
   """On GPU: cuDNN flash attention (opt-in) equals XLA's attention (the GPU default) on the same
   bfloat16 inputs, in value and gradient (256 tokens: cuDNN refuses odd counts in training)."""
   from visrep_jax.models import layers
-  assert layers.default_attention_implementation(jnp.bfloat16) == "xla"
+  assert layers.default_attention_implementation() == "xla"
   qkv = jax.random.normal(jax.random.PRNGKey(0), (4, 256, 3 * 384), jnp.float32)
   cot = jax.random.normal(jax.random.PRNGKey(1), (4, 256, 384), jnp.float32)
 
@@ -155,18 +155,24 @@ def test_cudnn_attention_matches_xla():
     assert rel < 1e-2, rel
 
 
-def test_attention_implementation_choice():
+def test_attention_implementation_choice(monkeypatch):
   """The model-level ``attention`` field reaches every block: 'xla' and the CPU default 'bhnd'
   give the same ViT logits; an unknown name is a one-line error listing the valid ones."""
   from visrep_jax import models
   from visrep_jax.models import layers
-  assert layers.default_attention_implementation(jnp.float32, dropout=True) == "bhnd"
+  assert layers.default_attention_implementation(dropout=True) == "bhnd"
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 28, 28, 1))
-  kw = dict(num_classes=10, img_size=28, patch_size=7, embed_dim=32, depth=2, num_heads=2)
+  kw = dict(num_classes=10, img_size=28, patch_size=7, embed_dim=32, depth=3, num_heads=2)
   base = models.VisionTransformer(**kw)
   variables = base.init(jax.random.PRNGKey(1), x)
   ref = base.apply(variables, x)[0]
+  calls = []
+  original = layers.self_attention
+  monkeypatch.setattr(layers, "self_attention",
+                      lambda qkv, h, dropout_fn=None, impl=None:
+                      calls.append(impl) or original(qkv, h, dropout_fn, impl))
   out = models.VisionTransformer(**kw, attention="xla").apply(variables, x)[0]
+  assert calls == ["xla"] * 3  # every block
   np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
   with pytest.raises(ValueError, match="unknown attention implementation 'flash'.*bhnd, xla, cudnn"):
     models.VisionTransformer(**kw, attention="flash").apply(variables, x)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import logging
 import os
 import queue
 import threading
@@ -67,18 +68,30 @@ class _ImageCache:
     self.max_bytes = max_bytes
     self._items: "collections.OrderedDict[Tuple[int, int], np.ndarray]" = (
         collections.OrderedDict())
-    self._index: Dict[int, np.ndarray] = {}
+    self._index: Dict[int, Tuple[np.ndarray, Any]] = {}  # class -> (index, (size, mtime))
     self._bytes = 0
     self._lock = threading.Lock()
     self.decoded = 0  # images decoded so far (cache misses)
 
   def _class_index(self, class_id: int) -> np.ndarray:
+    """The class file's record index, rebuilt when the file changed since it was indexed (a
+    re-run conversion; its decoded images are dropped from the cache too)."""
+    path = md.class_record_path(self.spec, class_id)
+    try:
+      st = os.stat(path)
+      stamp = (st.st_size, st.st_mtime_ns)
+    except OSError:
+      stamp = None  # index_class_records reports the missing file
     with self._lock:
-      index = self._index.get(class_id)
-    if index is None:
-      index = md.index_class_records(self.spec, class_id)
-      with self._lock:
-        self._index[class_id] = index
+      cached = self._index.get(class_id)
+    if cached is not None and cached[1] == stamp:
+      return cached[0]
+    index = md.index_class_records(self.spec, class_id)
+    with self._lock:
+      if cached is not None:  # the file changed: its decoded images are stale
+        for key in [k for k in self._items if k[0] == class_id]:
+          self._bytes -= self._items.pop(key).nbytes
+      self._index[class_id] = (index, stamp)
     return index
 
   def get_many(self, keys: Sequence[Tuple[int, int]]) -> List[np.ndarray]:
@@ -111,7 +124,7 @@ class _ImageCache:
       with self._lock:
         self.decoded += len(missing)
         for key, image in zip(missing, images):
-          image = np.ascontiguousarray(image)
+          image = image.copy()  # its own buffer: a view would keep the whole batch alive
           found[key] = image
           if key not in self._items:
             self._items[key] = image
@@ -261,6 +274,7 @@ class EpisodeStream:
     self._stop = threading.Event()
     self._thread: Optional[threading.Thread] = None
     self._prefetch = prefetch
+    self._error: Optional[BaseException] = None
 
   def episode(self, index: int) -> Dict[str, np.ndarray]:
     seed = episode_seed(self.seed, index)
@@ -300,6 +314,10 @@ class EpisodeStream:
     return self
 
   def __next__(self) -> Dict[str, np.ndarray]:
+    if self._error is not None:  # the worker failed (and stopped): the same error every time
+      raise self._error
+    if self._stop.is_set():
+      raise EpisodeError("This EpisodeStream is closed; create a new one (start=index) to go on.")
     if self._prefetch <= 0:
       ep = self.episode(self.index)
       self.index += 1
@@ -309,6 +327,7 @@ class EpisodeStream:
       self._thread.start()
     item = self._queue.get()
     if isinstance(item, BaseException):
+      self._error = item
       raise item
     self.index += 1
     return item
@@ -319,6 +338,9 @@ class EpisodeStream:
     self._stop.set()
     if self._thread is not None:
       self._thread.join(timeout)
+      if self._thread.is_alive():
+        logging.warning("The episode prefetch thread is still building an episode after %.0f s; "
+                        "leaving it (a daemon thread).", timeout)
       self._thread = None
 
   def __enter__(self) -> "EpisodeStream":

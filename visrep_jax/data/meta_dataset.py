@@ -864,31 +864,32 @@ def _random_record_reader(path: str):
 
 def read_records(path: str, index: np.ndarray, records: Sequence[int]) -> List[bytes]:
   """The serialized records ``records`` (numbers in file order) of ``path``, given its
-  :func:`index_class_records` ``index``, read in offset order; CRCs checked (see above)."""
-  tf_host()  # TensorFlow's error types and reader
+  :func:`index_class_records` ``index``, read in offset order. CRCs are checked by TensorFlow's
+  random-access reader; where that internal API is missing, records are read by plain seek +
+  read without CRC checks (a damaged record then fails when it is parsed or decoded)."""
+  tf = tf_host()  # TensorFlow's error types and reader
   out: Dict[int, bytes] = {}
   wanted = sorted(set(int(r) for r in records))
-  reader = _random_record_reader(path)
-  if reader is not None:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    try:
-      for r in wanted:
-        try:
+  r = wanted[0] if wanted else 0
+  try:
+    reader = _random_record_reader(path)
+    if reader is not None:
+      try:
+        for r in wanted:
           out[r], _ = reader.read(int(index[r, 0]))
-        except tf.errors.OpError as e:
-          raise DataError(f"Corrupt record {r} in {path} ({_one_line(e)}); re-run the conversion "
-                          "of this class.") from None
-    finally:
-      reader.close()
-  else:
-    with open(path, "rb") as f:
-      for r in wanted:
-        offset, length = (int(v) for v in index[r])
-        f.seek(offset + _HEADER)
-        out[r] = f.read(length)
-        if len(out[r]) != length:
-          raise DataError(f"Corrupt record {r} in {path} (truncated); re-run the conversion of "
-                          "this class.")
+      finally:
+        reader.close()
+    else:
+      with open(path, "rb") as f:
+        for r in wanted:
+          offset, length = (int(v) for v in index[r])
+          f.seek(offset + _HEADER)
+          out[r] = f.read(length)
+          if len(out[r]) != length:
+            raise IndexError("truncated")
+  except (tf.errors.OpError, IndexError, OSError) as e:
+    raise DataError(f"Corrupt record {r} in {path} ({_one_line(e)}): the file is damaged or "
+                    "changed while it was read; re-run the conversion of this class.") from None
   return [out[int(r)] for r in records]
 
 

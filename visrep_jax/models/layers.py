@@ -167,9 +167,9 @@ _fused_self_attention.defvjp(_fused_self_attention_fwd, _fused_self_attention_bw
 ATTENTION_IMPLEMENTATIONS = ("bhnd", "xla", "cudnn")
 
 
-def default_attention_implementation(dtype, dropout: bool = False) -> str:
-  """What ``self_attention(..., implementation=None)`` runs for inputs of ``dtype``."""
-  del dtype  # every implementation takes every float dtype; 'cudnn' is opt-in (see above)
+def default_attention_implementation(dropout: bool = False) -> str:
+  """What ``self_attention(..., implementation=None)`` runs ('cudnn' is never the default: see
+  :func:`self_attention`)."""
   if dropout or jax.default_backend() == "cpu":
     return "bhnd"
   return "xla"
@@ -207,7 +207,7 @@ def self_attention(qkv, num_heads: int, dropout_fn: Optional[Callable] = None,
   hd = d // h
   scale = hd ** -0.5
   if implementation is None:
-    implementation = default_attention_implementation(qkv.dtype, dropout_fn is not None)
+    implementation = default_attention_implementation(dropout_fn is not None)
   if implementation in ("xla", "cudnn"):
     if dropout_fn is not None:
       raise ValueError(f"attention implementation {implementation!r} does not support attention "
@@ -284,6 +284,9 @@ class LayerScaleBlock(nn.Module):
       gamma = self.param(name, nn.initializers.constant(self.layerscale_init), (d,), jnp.float32)
       return y * gamma.astype(y.dtype)
 
+    if self.attn_cls is not None and self.attn_implementation is not None:
+      raise ValueError("attn_implementation applies to the default Attention only; configure "
+                       f"{getattr(self.attn_cls, '__name__', self.attn_cls)} itself")
     if self.attn_cls is None:
       attn = Attention(self.num_heads, self.qkv_bias, self.attn_dropout, self.dropout,
                        dtype=self.dtype, implementation=self.attn_implementation, name="attn")
