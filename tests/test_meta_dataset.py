@@ -423,6 +423,10 @@ def test_episode_source_decodes_only_the_sampled_images(tmp_path):
   again = src.sample(seed=1)
   np.testing.assert_array_equal(again["images"], ep["images"])
   assert src._cache.decoded == n_real  # served from the cache
+  src.release_cache()  # what the test evaluation does once a source is done
+  assert src._cache._bytes == 0 and not src._cache._items
+  np.testing.assert_array_equal(src.sample(seed=1)["images"], ep["images"])
+  assert src._cache.decoded == 2 * n_real  # decoded again
   np.testing.assert_array_equal(src.sample(seed=2)["images"], expected_images(2))
   # A cache of one image's bytes keeps at most one image but gives the same episodes.
   small = ep_lib.EpisodeSource(spec.path, "train", descr, 12, channels=1, cache_bytes=144)

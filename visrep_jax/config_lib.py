@@ -167,7 +167,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.episodes.num_test_episodes = 600
   c.episodes.eval_seed = 1234
   c.episodes.test_best = True      # test the best validation checkpoint (else the last)
-  c.episodes.cache_gb = 4.0        # decoded images kept in memory per source
+  c.episodes.cache_gb = 4.0        # decoded images kept in memory per source (a test source's
+                                   # are freed once its episodes are done)
   c.episodes.prepare_mini = False  # build the mini benchmark (data.md_mini) in data_dir if missing
                                    # (the supervised trainer: in dataset.data_dir)
   c.episodes.mini_max_images_per_class = 0  # its cap (0: all images)

@@ -94,6 +94,12 @@ class _ImageCache:
       self._index[class_id] = (index, stamp)
     return index
 
+  def clear(self):
+    """Drops the decoded images (the record indexes stay)."""
+    with self._lock:
+      self._items.clear()
+      self._bytes = 0
+
   def get_many(self, keys: Sequence[Tuple[int, int]]) -> List[np.ndarray]:
     """The images of ``keys`` ((class id, record number) pairs), in that order."""
     found: Dict[Tuple[int, int], np.ndarray] = {}
@@ -188,6 +194,10 @@ class EpisodeSource:
     self.image_size = image_size
     self.channels = channels
     self._cache = _ImageCache(self.spec, image_size, channels, cache_bytes)
+
+  def release_cache(self):
+    """Frees the decoded images kept for this source (e.g. once its test episodes are done)."""
+    self._cache.clear()
 
   def sample(self, seed: int, shapes: Optional[EpisodeShapes] = None) -> Dict[str, np.ndarray]:
     """The episode of ``seed``, padded to ``shapes`` (default: this source's maxima)."""

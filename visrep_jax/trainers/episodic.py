@@ -312,11 +312,13 @@ def lr_episode_accuracies(episode: Dict[str, np.ndarray], head_logits, pooled, l
 
 
 def evaluate_episodes(b, state, sources: List[ep_lib.EpisodeSource], num_episodes: int,
-                      seed: int, progress: bool = False) -> Dict[str, Dict[str, float]]:
+                      seed: int, progress: bool = False, release: bool = False
+                      ) -> Dict[str, Dict[str, float]]:
   """``{source: {accuracy, ci95, loss, episodes}}`` over ``num_episodes`` fixed episodes each
   (episode i of a source is the same for every model and every call). With ``lr_head``,
   ``accuracy`` is that of head + lambda * LR, and ``head_accuracy``/``head_ci95``,
-  ``lr_accuracy``/``lr_ci95`` are added; ``loss`` is always the head's."""
+  ``lr_accuracy``/``lr_ci95`` are added; ``loss`` is always the head's. ``release``: free each
+  source's decoded-image cache once its episodes are done (test sources, evaluated once)."""
   lr = b.get("lr")
   results = {}
   for src in sources:
@@ -344,6 +346,8 @@ def evaluate_episodes(b, state, sources: List[ep_lib.EpisodeSource], num_episode
           _log("  %s: %d/%d episodes", src.name, i + 1, num_episodes)
     if pending is not None:
       finish(*pending)
+    if release:
+      src.release_cache()
     r = {}
     for k, v in accs.items():
       if v:
@@ -506,7 +510,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
          best_ckpt.latest_step(), best["accuracy"])
   test = _open_eval_sources(config, "test", list(e.test_sources), b["shapes"])
   results = evaluate_episodes(b, test_state, test, e.num_test_episodes, seed=e.eval_seed,
-                              progress=config.progress_bar)
+                              progress=config.progress_bar, release=True)
   writer.write_scalars(total, {f"test/{k}_accuracy": r["accuracy"] for k, r in results.items()})
   lr = b["lr"]
   title = config.fewshot.head + (f" + {lr['lr_lambda']:g} LR" if lr else "")
