@@ -9,7 +9,10 @@
 #      precision so the parity tolerances hold; the GPU image has no TensorFlow, so tests that
 #      load configs or data cannot run there).
 # Usage (repository root): bash scripts/gpu_check.sh [OUTDIR]   (default $OUT or /tmp/gpu_check)
-# Python packages the GPU image lacks (ml_collections, clu) travel as wheels in .whl/.
+# Python packages the GPU image lacks (ml_collections, clu) travel as wheels in .whl/ (git-ignored
+# through .git/info/exclude), fetched beforehand on a machine with pip access:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --platform manylinux2014_x86_64 -d .whl ml_collections==1.1.0 clu==0.0.12
 set -uo pipefail
 OUT_DIR=${1:-${OUT:-/tmp/gpu_check}}
 mkdir -p "$OUT_DIR"
