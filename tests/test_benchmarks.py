@@ -2,6 +2,7 @@
 imports TensorFlow (it must run on accelerator hosts that have JAX only)."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -64,4 +65,18 @@ def test_episode_benchmark_compares_record_and_whole_class_readers(tmp_path):
                      cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "wrote 10 classes x 12 JPEGs 40x50" in r.stdout
-  assert "records:" in r.stdout and "records reader" in r.stdout
+  m = re.search(r"2 episodes at 16px: (\d+) images .*; (\d+) images decoded", r.stdout)
+  # Without a cache every image of the 2 episodes (m[1] on average) is decoded once.
+  assert m and int(m[1]) > 0 and abs(2 * int(m[1]) - int(m[2])) <= 1, r.stdout
+  assert "whole-class:" in r.stdout and "records reader" in r.stdout
+
+
+def test_gemm_benchmark_prints_every_shape_and_gemm():
+  pytest.importorskip("torch")
+  r = subprocess.run([sys.executable, "scripts/benchmark_gemm.py", "--batch=1", "--tokens=8",
+                      "--repeats=1", "--iters=1"],
+                     cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = [l.split() for l in r.stdout.splitlines() if l.split()[:1] in (["qkv"], ["proj"],
+                                                                         ["fc1"], ["fc2"])]
+  assert len(rows) == 12 and all(float(row[-1]) > 0 for row in rows)

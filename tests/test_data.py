@@ -92,7 +92,7 @@ def test_normalize_values():
   out = run_op("normalize('imagenet')", np.full((2, 2, 3), 255, np.uint8))
   np.testing.assert_allclose(out[0, 0], (1 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225]), rtol=1e-6)
   gray = run_op("normalize('fashion_mnist')", np.full((2, 2, 1), 255, np.uint8))
-  assert gray.shape == (2, 2, 1)
+  np.testing.assert_allclose(gray, np.full((2, 2, 1), (1 - 0.2860) / 0.3530), rtol=1e-5)
   # 3-channel statistics on grayscale images: an error, not a silent 3-channel output.
   with pytest.raises(ValueError, match="3 mean/std values for 1-channel images"):
     run_op("normalize('imagenet')", np.full((2, 2, 1), 255, np.uint8))

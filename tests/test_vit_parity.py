@@ -161,6 +161,8 @@ def test_attention_implementation_choice(monkeypatch):
   from visrep_jax import models
   from visrep_jax.models import layers
   assert layers.default_attention_implementation(dropout=True) == "bhnd"
+  assert layers.default_attention_implementation() == (
+      "bhnd" if jax.default_backend() == "cpu" else "xla")
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 28, 28, 1))
   kw = dict(num_classes=10, img_size=28, patch_size=7, embed_dim=32, depth=3, num_heads=2)
   base = models.VisionTransformer(**kw)

@@ -47,18 +47,33 @@ class Checkpointer:
 def set_aside(path: str, reason: str) -> Optional[str]:
   """Renames an existing ``path`` (e.g. a ``best`` checkpoint whose record was lost) to
   ``path.set-aside-<time>`` so that nothing is overwritten or deleted; returns the new name
-  (None when ``path`` does not exist). Process 0 renames; every process waits for it."""
+  (None when ``path`` does not exist). Every process checks, then process 0 renames; all of them
+  pass both barriers whatever they found, so none can wait for another forever."""
   import time
-  if not os.path.exists(path):
-    return None
-  new = f"{path}.set-aside-{time.strftime('%Y%m%d-%H%M%S')}"
-  if jax.process_index() == 0:
-    os.rename(path, new)
-    logging.warning("%s: %s; moved to %s (nothing deleted).", path, reason, new)
+  exists = os.path.exists(path)
+  _sync(f"set_aside:check:{path}")
+  new = None
+  if exists:
+    new = base = f"{path}.set-aside-{time.strftime('%Y%m%d-%H%M%S')}"
+    if jax.process_index() == 0:
+      k = 1
+      while os.path.exists(new):  # set aside twice within a second
+        new, k = f"{base}-{k}", k + 1
+      os.rename(path, new)
+      logging.warning("%s: %s; moved to %s (nothing deleted).", path, reason, new)
+  _sync(f"set_aside:{path}")
+  return new
+
+
+def has_checkpoint(path: str) -> bool:
+  """Whether ``path`` is a non-empty directory (e.g. a ``best`` checkpoint directory)."""
+  return os.path.isdir(path) and bool(os.listdir(path))
+
+
+def _sync(name: str):
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(f"set_aside:{path}")
-  return new
+    multihost_utils.sync_global_devices(name)
 
 
 def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:

@@ -176,10 +176,14 @@ class LinearProbe:
     self.track = track
     self.stopping = EarlyStopping(os.path.join(workdir, RECORD) if track else None, lp.patience,
                                   resume_step)
+    best_dir = os.path.join(workdir, BEST_DIR)
     if track and self.stopping.unreadable:
       # The restarted record would let the next evaluation replace the kept best weights.
-      ckpt_lib.set_aside(os.path.join(workdir, BEST_DIR),
-                         f"{RECORD} is unreadable, the linear-probe record restarts")
+      ckpt_lib.set_aside(best_dir, f"{RECORD} is unreadable, the linear-probe record restarts")
+    elif (track and not os.path.exists(os.path.join(workdir, RECORD))
+          and ckpt_lib.has_checkpoint(best_dir)):
+      # Weights without their record (deleted, or a crash between the two writes): same risk.
+      ckpt_lib.set_aside(best_dir, f"{RECORD} is missing, the linear-probe record restarts")
     self.best_ckpt = (ckpt_lib.Checkpointer(os.path.join(workdir, BEST_DIR), keep=1,
                                             async_save=False) if track else None)
 

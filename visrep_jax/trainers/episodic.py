@@ -411,6 +411,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       # A restarted record would let the next validation replace the kept best weights.
       ckpt_lib.set_aside(os.path.join(workdir, "best"),
                          f"{best_path} is unreadable, the best-validation record restarts")
+  elif ckpt_lib.has_checkpoint(os.path.join(workdir, "best")):
+    # Weights without their record (deleted, or a crash between the two writes): same risk.
+    ckpt_lib.set_aside(os.path.join(workdir, "best"),
+                       f"{best_path} is missing, the best-validation record restarts")
   best_ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "best"), keep=1, async_save=False)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as fh:
@@ -450,8 +454,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       best = {"accuracy": acc, "step": int(step)}
       best_ckpt.save(step, state, {"step": int(step), "valid_accuracy": acc}, force=True)
       if jax.process_index() == 0:
-        with open(best_path, "w") as fh:
+        with open(best_path + ".tmp", "w") as fh:
           json.dump(best, fh)
+        os.replace(best_path + ".tmp", best_path)  # atomic: never a half-written record
 
   total = b["total_steps"]
   if not config.eval_only and start < total:
