@@ -290,16 +290,12 @@ def md_resize(size: int):
   """Meta-Dataset's ``ImageDecoder`` resize: a ``size`` x ``size`` square (aspect ratio not kept),
   bilinear with ``align_corners=True``, rounded to integers (float32 in [0, 255]); images already
   that size are untouched. The pixels of :func:`visrep_jax.data.meta_dataset.load_class_images`."""
-  tf = tf_host()
   if not isinstance(size, int) or size < 1:
     raise ValueError(f"md_resize: size must be a positive integer, got {size!r}")
 
   def fn(img, seed):
     del seed
-    shape = tf.shape(img)
-    same = tf.logical_and(tf.equal(shape[0], size), tf.equal(shape[1], size))
-    out = tf.cond(same, lambda: tf.cast(img, tf.float32),
-                  lambda: tf.clip_by_value(tf.round(md.resize_official(img, size)), 0.0, 255.0))
+    out = md.resize_rounded(img, size)
     out.set_shape([size, size, img.shape[-1]])
     return out
   return preprocess.image_op(fn)

@@ -723,17 +723,23 @@ def decode_example(example_string, image_size: int, channels: int = 3):
   return 2.0 * (image / 255.0 - 0.5), label
 
 
+def resize_rounded(image, image_size: int):
+  """:func:`resize_official` rounded to integers in [0, 255] (float32); an image already
+  ``image_size`` x ``image_size`` is returned unresampled (its pixels stay exact)."""
+  tf = tf_host()
+  shape = tf.shape(image)
+  return tf.cond(
+      tf.logical_and(tf.equal(shape[0], image_size), tf.equal(shape[1], image_size)),
+      lambda: tf.cast(image, tf.float32),
+      lambda: tf.clip_by_value(tf.round(resize_official(image, image_size)), 0.0, 255.0))
+
+
 def _decode_uint8(example_string, image_size: Optional[int], channels: int):
   tf = tf_host()
   image_bytes, label = parse_example(example_string)
   image = tf.io.decode_image(image_bytes, channels=channels, expand_animations=False)
   if image_size:
-    shape = tf.shape(image)
-    image = tf.cond(
-        tf.logical_and(tf.equal(shape[0], image_size), tf.equal(shape[1], image_size)),
-        lambda: image,  # already the size: no resampling, the pixels stay exact
-        lambda: tf.cast(tf.clip_by_value(tf.round(resize_official(image, image_size)), 0, 255),
-                        tf.uint8))
+    image = tf.cast(resize_rounded(image, image_size), tf.uint8)
   return image, label
 
 
