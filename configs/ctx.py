@@ -129,8 +129,9 @@ def get_config(arg=None):
   f.head = head
   f.bn_test_mode = args.bn
   # Both, for the 500-support 14x14 episodes: remat alone still forms the whole attention tensor
-  # once in the backward; with 5-query chunks the step needs 9x less temporary memory
-  # (scripts/benchmark_ctx_memory.py).
+  # once in the backward; with 5-query chunks the step needs 8x less temporary memory
+  # (scripts/benchmark_ctx_memory.py). remat uses the fused backward (fewshot.ctx_attend_fused,
+  # config.fewshot.remat_impl), which recomputes only q k^T.
   f.remat = True
   f.query_chunk_size = 5
   # +LR: test-time logistic regression (lambda 5, C 10) and the unweighted auxiliary loss.

@@ -12,11 +12,16 @@ step is printed for the configurations
 
   plain           the attention tensor [Q, 196, S, 196] of the whole query batch, stored for the
                   backward
-  remat           jax.checkpoint around it: recomputed in the backward, formed once there
+  remat           the fused backward (fewshot.ctx_attend_fused, the default remat_impl): only
+                  the class log-sum-exps and aligned prototypes are kept; the backward
+                  recomputes the attention (q k^T only), formed once there
+  ckpt            remat_impl='checkpoint': jax.checkpoint around the attention, whose backward
+                  recomputes the whole attention forward
   chunkK          K queries at a time (lax.map) without remat: the forward is chunked, but every
                   chunk's attention is kept for the backward
-  remat+chunkK    both: peak ~ one chunk's attention (the official ``rematerialize=True`` does
-                  this with K = 1)
+  remat+chunkK    fused backward, K queries at a time in both passes: peak ~ one chunk's
+                  attention (the official ``rematerialize=True`` does this with K = 1)
+  ckpt+chunkK     jax.checkpoint per chunk of K queries
 
 with the ratio of temporary memory plain / config (issue target: >= 3x with remat). Numbers are
 for the backend JAX picks (run it on the accelerator for the numbers that matter; CPU buffer
@@ -63,10 +68,12 @@ def make_train_step(model: fewshot.CrossTransformer, num_classes: int):
 
 def configurations(chunks):
   out = {"plain": dict(remat=False, query_chunk_size=None),
-         "remat": dict(remat=True, query_chunk_size=None)}
+         "remat": dict(remat=True, query_chunk_size=None),
+         "ckpt": dict(remat=True, remat_impl="checkpoint", query_chunk_size=None)}
   for k in chunks:
     out[f"chunk{k}"] = dict(remat=False, query_chunk_size=k)
     out[f"remat+chunk{k}"] = dict(remat=True, query_chunk_size=k)
+    out[f"ckpt+chunk{k}"] = dict(remat=True, remat_impl="checkpoint", query_chunk_size=k)
   return out
 
 

@@ -30,6 +30,10 @@ def test_config_errors():
   c.fewshot.head = "matchingnet"
   with pytest.raises(ConfigError, match="fewshot.head"):
     config_lib.validate(c)
+  c = load_config("ctx", "variant=ctx,runlocal")
+  c.fewshot.remat_impl = "flash"
+  with pytest.raises(ConfigError, match="fewshot.remat_impl.*fused, checkpoint"):
+    config_lib.validate(c)
   c = load_config("ctx", "variant=ctx")
   c.episodes.data_dir = ""
   with pytest.raises(ConfigError, match="data_dir is empty"):

@@ -234,13 +234,15 @@ def test_ctx_class_without_support_gets_no_support_logit_and_finite_gradient():
   assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
 
 
-@pytest.mark.parametrize("remat,chunk", [(True, None), (False, 2), (True, 2), (True, 1)])
-def test_ctx_remat_and_chunking_change_no_value_and_no_gradient(remat, chunk):
+@pytest.mark.parametrize("remat,impl,chunk", [
+    (True, "fused", None), (True, "fused", 2), (True, "fused", 1), (False, "fused", 2),
+    (True, "checkpoint", None), (True, "checkpoint", 2), (True, "checkpoint", 1)])
+def test_ctx_remat_and_chunking_change_no_value_and_no_gradient(remat, impl, chunk):
   query, support = _episode(seed=6, num_query=5)  # 5 queries: chunk 2 needs a padded chunk
   plain = _ctx()
   params = _init(plain, query, support)["params"]
   query_labels = jnp.array([0, 2, 1, 1, 0])
-  model = _ctx(remat=remat, query_chunk_size=chunk)
+  model = _ctx(remat=remat, remat_impl=impl, query_chunk_size=chunk)
   args = (params, jnp.asarray(query), jnp.asarray(support), LABELS, MASK, query_labels)
 
   def value_and_grads(m):
@@ -258,8 +260,60 @@ def test_ctx_remat_and_chunking_change_no_value_and_no_gradient(remat, chunk):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
   # The options are really in the computation.
   text = str(jaxpr)
-  assert (("remat" in text) or ("checkpoint" in text)) == remat
+  forward = str(jax.make_jaxpr(lambda p: model.apply({"params": p}, query, support, LABELS, MASK,
+                                                     NUM_CLASSES))(params))
+  assert ("custom_vjp_call" in forward) == (remat and impl == "fused")
+  assert (("remat" in text) or ("checkpoint" in text)) == (remat and impl == "checkpoint")
   assert ("scan" in text) == (chunk is not None)
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 2, 3])
+def test_ctx_fused_backward_equals_autodiff_in_float64(chunk):
+  # Variable shots (2, 3, 2), a class without support, padded entries holding NaN and an
+  # out-of-range label, 5 queries (padded last chunk for 2 and 3); every input's gradient.
+  with jax.enable_x64(True):
+    query, support = _episode(seed=11, num_query=5, dtype=np.float64)
+    support[~MASK] = np.nan
+    plain = _ctx(dtype=jnp.float64)
+    params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float64),
+                                    _init(plain, query, support)["params"])
+    # Weighted logits (not just a cross-entropy) so every class column gets its own gradient.
+    weights = jnp.asarray(np.random.RandomState(1).randn(5, NUM_CLASSES))
+
+    def objective(model, params, query, support):
+      logits = model.apply({"params": params}, query, support, LABELS, MASK, NUM_CLASSES)
+      return jnp.sum(weights * jnp.where(logits > NO_SUPPORT / 2, logits, 0.0))
+
+    fused = _ctx(dtype=jnp.float64, remat=True, query_chunk_size=chunk)
+    args = (params, jnp.asarray(query), jnp.asarray(support))
+    v0, g0 = jax.value_and_grad(functools.partial(objective, plain), argnums=(0, 1, 2))(*args)
+    v1, g1 = jax.value_and_grad(functools.partial(objective, fused), argnums=(0, 1, 2))(*args)
+    np.testing.assert_allclose(v1, v0, rtol=1e-13)
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0)):
+      assert np.all(np.isfinite(a))
+      np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    assert np.all(np.asarray(g1[2])[~MASK] == 0)  # padded support: zero gradient
+    assert np.any(np.abs(np.asarray(g1[2])[MASK]) > 1e-3)
+
+
+def test_ctx_fused_backward_keeps_input_dtypes_and_checks_its_options():
+  query, support = _episode(seed=12, num_query=4)
+  bf = dict(dtype=jnp.bfloat16)
+  plain, fused = _ctx(**bf), _ctx(remat=True, query_chunk_size=3, **bf)
+  params = _init(plain, query, support)["params"]
+  q16, s16 = jnp.asarray(query, jnp.bfloat16), jnp.asarray(support, jnp.bfloat16)
+  labels = jnp.array([0, 1, 2, 0])
+  g0 = jax.grad(functools.partial(_loss, plain), argnums=(1, 2))(params, q16, s16, LABELS, MASK,
+                                                                labels)
+  g1 = jax.grad(functools.partial(_loss, fused), argnums=(1, 2))(params, q16, s16, LABELS, MASK,
+                                                                labels)
+  for a, b in zip(g1, g0):
+    assert a.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               rtol=0.05, atol=0.02 * float(np.max(np.abs(np.asarray(b, np.float32)))))
+  with pytest.raises(ValueError, match="remat_impl must be one of fused, checkpoint"):
+    _ctx(remat=True, remat_impl="flash").apply({"params": params}, query, support, LABELS, MASK,
+                                               NUM_CLASSES)
 
 
 def test_ctx_chunked_attention_maps_and_bfloat16_inputs():
@@ -357,5 +411,5 @@ def test_memory_benchmark_script_runs_on_a_tiny_episode():
                            "--chunk=2"])
   text = out.getvalue()
   assert "temp_size_in_bytes" in text and "remat+chunk2" in text, text
-  assert set(results) == {"plain", "remat", "chunk2", "remat+chunk2"}
+  assert set(results) == {"plain", "remat", "ckpt", "chunk2", "remat+chunk2", "ckpt+chunk2"}
   assert all(r["temp_size_in_bytes"] > 0 for r in results.values())

@@ -178,6 +178,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.fewshot.key_dim = 128
   c.fewshot.value_dim = 128
   c.fewshot.remat = True           # ctx: recompute the attention in the backward pass
+  c.fewshot.remat_impl = "fused"   # ctx: fused (hand-written backward) | checkpoint (jax.checkpoint)
   c.fewshot.query_chunk_size = 0   # ctx: queries per attention chunk (0: all at once)
   c.fewshot.bn_test_mode = "ema"   # ema (running statistics) | support (support-set statistics)
   # CrossTransformers "+LR" (trainers/episodic.py): at evaluation, a logistic regression on the
@@ -348,6 +349,7 @@ def _validate_lr_options(config):
 def _validate_episodic(config):
   e, f = config.episodes, config.fewshot
   _choice(f.head, ("protonet", "ctx"), "fewshot.head")
+  _choice(f.remat_impl, ("fused", "checkpoint"), "fewshot.remat_impl")
   _choice(f.bn_test_mode, ("ema", "support"), "fewshot.bn_test_mode")
   _check(bool(e.data_dir), "config.episodes.data_dir is empty: point it at the converted "
          "Meta-Dataset sources (python -m visrep_jax.data.md_convert; the mini benchmark: "

@@ -87,6 +87,7 @@ def make_head(config):
   if f.head == "protonet":
     return None
   return fewshot.CrossTransformer(key_dim=f.key_dim, value_dim=f.value_dim, remat=f.remat,
+                                  remat_impl=f.remat_impl,
                                   query_chunk_size=f.query_chunk_size or None)
 
 
