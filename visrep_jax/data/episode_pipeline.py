@@ -76,12 +76,8 @@ class _ImageCache:
   def _class_index(self, class_id: int) -> np.ndarray:
     """The class file's record index, rebuilt when the file changed since it was indexed (a
     re-run conversion; its decoded images are dropped from the cache too)."""
-    path = md.class_record_path(self.spec, class_id)
-    try:
-      st = os.stat(path)
-      stamp = (st.st_size, st.st_mtime_ns)
-    except OSError:
-      stamp = None  # index_class_records reports the missing file
+    # (size, mtime); None: index_class_records reports the missing file.
+    stamp = md.file_stamp(md.class_record_path(self.spec, class_id))
     with self._lock:
       cached = self._index.get(class_id)
     if cached is not None and cached[1] == stamp:
@@ -154,7 +150,8 @@ class EpisodeShapes:
 
 
 class EpisodeSource:
-  """Episodes of one Meta-Dataset source (a converted directory) and split.
+  """Episodes of one Meta-Dataset source (a converted directory: local, or on any TensorFlow
+  filesystem such as ``gs://``) and split.
 
   ``use_hierarchy``: the ImageNet DAG / Omniglot alphabets when the spec has them (the official
   ``use_dag_ontology`` / ``use_bilevel_ontology`` for ILSVRC / Omniglot); the DAG is ignored for
@@ -165,7 +162,7 @@ class EpisodeSource:
   def __init__(self, path: str, split, descr_config: episodes_lib.EpisodeDescriptionConfig,
                image_size: int, *, channels: int = 3, use_hierarchy: bool = True,
                ignore_hierarchy_probability: float = 0.0, cache_bytes: int = 4 << 30):
-    if not os.path.isdir(path):
+    if not md.path_isdir(path):
       raise EpisodeError(f"Meta-Dataset source directory {path!r} does not exist: convert the "
                          "source first (python -m visrep_jax.data.md_convert, or "
                          "python -m visrep_jax.data.md_mini for the mini benchmark).")

@@ -131,27 +131,28 @@ def parse_split(split: str) -> SplitSpec:
 
 
 def find_source_dir(data_dir: Optional[str], name: str) -> str:
-  """``data_dir/name`` (or ``data_dir`` itself when it is the records directory of ``name``)."""
+  """``data_dir/name`` (or ``data_dir`` itself when it is the records directory of ``name``);
+  ``data_dir`` may be on any TensorFlow filesystem (``gs://bucket/meta_dataset``)."""
   how = ("convert it with python -m visrep_jax.data.md_convert or the official meta_dataset "
          "converter (the offline mini benchmark: python -m visrep_jax.data.md_mini --out=DIR)")
   if not data_dir:
     raise DataError(f"{PREFIX}{name} needs config.dataset.data_dir: the directory holding the "
                     f"converted Meta-Dataset sources, one sub-directory per source ({how}).")
-  if not os.path.isdir(data_dir):
+  if not md.path_isdir(data_dir):
     raise DataError(f"Meta-Dataset directory {data_dir!r} (config.dataset.data_dir) does not "
                     f"exist: {how}, and point dataset.data_dir at it.")
   path = os.path.join(data_dir, name)
-  if os.path.isdir(path):
+  if md.path_isdir(path):
     return path
   own = os.path.join(data_dir, md.SPEC_FILENAME)
-  if os.path.exists(own):
+  if md.path_exists(own):
     try:
       if md.load_dataset_spec(data_dir).name == name:
         return data_dir
     except DataError:
       pass
-  found = sorted(d for d in os.listdir(data_dir)
-                 if os.path.exists(os.path.join(data_dir, d, md.SPEC_FILENAME)))
+  found = sorted(d for d in md.list_dir(data_dir)
+                 if md.path_exists(os.path.join(data_dir, d, md.SPEC_FILENAME)))
   listing = (f"the converted sources there: {', '.join(found)}" if found
              else "none is converted there")
   raise DataError(f"No Meta-Dataset source {name!r} in {data_dir} (expected "

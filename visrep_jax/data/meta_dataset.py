@@ -46,7 +46,12 @@ layout):
 * ``file_pattern`` ``"{}_{}.tfrecords"`` (sharded classes / pools) is parsed, but the reader, like the
   official one, reads only ``"{}.tfrecords"``.
 
-TensorFlow is imported lazily (``tf_host()``) by the reader functions only; the specs are pure Python.
+Sources are read from any filesystem TensorFlow has: a local directory, or a path with a scheme
+(``gs://bucket/meta_dataset/ilsvrc_2012`` on a TPU pod, ``s3://`` with TensorFlow's filesystem
+plugin, ``ram://`` in tests), which goes through ``tf.io.gfile`` (the Files section below).
+
+TensorFlow is imported lazily (``tf_host()``) by the reader functions and for paths with a scheme
+only; the specs, and reading a local ``dataset_spec.json``, are pure Python.
 """
 
 from __future__ import annotations
@@ -456,6 +461,93 @@ def make_hierarchical_spec(name: str, split_subgraphs: Mapping[Split, set],
 
 
 # ----------------------------------------------------------------------------------------------
+# Files: a local path goes through os / open() (no TensorFlow needed, nothing changed); a path with
+# a scheme (gs://, s3://, ram://, ...) through tf.io.gfile, so a converted source can live in any
+# filesystem TensorFlow has (its TFRecord readers take such paths too).
+
+
+def is_remote_path(path: str) -> bool:
+  """True for a path with a filesystem scheme (``gs://bucket/md``): read with tf.io.gfile."""
+  return "://" in str(path)
+
+
+def _access_error(path: str, e: BaseException) -> str:
+  return (f"Cannot read {path} ({_one_line(e)}): check the path and the credentials of its "
+          "filesystem (s3:// and other schemes need TensorFlow's filesystem plugin, e.g. "
+          "tensorflow-io).")
+
+
+def _gfile(op: str, path: str):
+  """``tf.io.gfile.<op>(path)``; a failure other than a missing file (unknown scheme, no
+  credentials, network) is a one-line DataError."""
+  tf = tf_host()
+  try:
+    return getattr(tf.io.gfile, op)(path)
+  except tf.errors.NotFoundError:
+    raise
+  except tf.errors.OpError as e:
+    raise DataError(_access_error(path, e)) from None
+
+
+def path_isdir(path: str) -> bool:
+  if not is_remote_path(path):
+    return os.path.isdir(path)
+  if _gfile("isdir", path):
+    return True
+  _gfile("exists", path)  # isdir says False for an unknown scheme; exists raises (a DataError)
+  return False
+
+
+def path_exists(path: str) -> bool:
+  return _gfile("exists", path) if is_remote_path(path) else os.path.exists(path)
+
+
+def list_dir(path: str) -> List[str]:
+  if not is_remote_path(path):
+    return os.listdir(path)
+  return [name.rstrip("/") for name in _gfile("listdir", path)]
+
+
+def file_size(path: str) -> int:
+  return int(_gfile("stat", path).length) if is_remote_path(path) else os.path.getsize(path)
+
+
+def file_stamp(path: str) -> Optional[Tuple[int, int]]:
+  """``(size, mtime in ns)`` of a file, None if it cannot be read (a file rewritten since has
+  another stamp; ``ram://`` files report mtime 0, so only their size tells)."""
+  if not is_remote_path(path):
+    try:
+      st = os.stat(path)
+    except OSError:
+      return None
+    return st.st_size, st.st_mtime_ns
+  tf = tf_host()
+  try:
+    st = tf.io.gfile.stat(path)
+  except tf.errors.OpError:
+    return None
+  return int(st.length), int(st.mtime_nsec)
+
+
+def open_file(path: str, mode: str = "r"):
+  """``open(path, mode)``, or a ``tf.io.gfile.GFile`` (seek, read) for a path with a scheme; its
+  read errors are ``tf.errors.OpError``."""
+  return tf_host().io.gfile.GFile(path, mode) if is_remote_path(path) else open(path, mode)
+
+
+def read_text(path: str) -> str:
+  if not is_remote_path(path):
+    with open(path) as f:
+      return f.read()
+  tf = tf_host()
+  try:
+    with tf.io.gfile.GFile(path, "r") as f:
+      return f.read()
+  except tf.errors.OpError as e:
+    raise DataError(_access_error(path, e)) from None
+
+
+# ----------------------------------------------------------------------------------------------
 # JSON.
 
 
@@ -511,13 +603,21 @@ def dataset_spec_from_json(text: str) -> AnySpec:
 
 
 def save_dataset_spec(spec: AnySpec, directory: Optional[str] = None) -> str:
-  """Writes ``<directory or spec.path>/dataset_spec.json`` atomically; returns its path."""
+  """Writes ``<directory or spec.path>/dataset_spec.json`` atomically (on object stores such as
+  gs://, where a rename is a copy, the spec appears once it is complete); returns its path."""
   directory = directory or spec.path
   if not directory:
     raise ValueError("save_dataset_spec needs a directory (the spec's path is empty).")
-  os.makedirs(directory, exist_ok=True)
   target = os.path.join(directory, SPEC_FILENAME)
   tmp = target + ".tmp"
+  if is_remote_path(directory):
+    gfile = tf_host().io.gfile
+    gfile.makedirs(directory)
+    with gfile.GFile(tmp, "w") as f:
+      f.write(dataset_spec_to_json(spec) + "\n")
+    gfile.rename(tmp, target, overwrite=True)
+    return target
+  os.makedirs(directory, exist_ok=True)
   with open(tmp, "w") as f:
     f.write(dataset_spec_to_json(spec) + "\n")
   os.replace(tmp, target)
@@ -525,21 +625,21 @@ def save_dataset_spec(spec: AnySpec, directory: Optional[str] = None) -> str:
 
 
 def load_dataset_spec(dataset_records_path: str) -> AnySpec:
-  """The spec of the records in ``dataset_records_path``, with ``path`` set to that directory."""
-  if not dataset_records_path or not os.path.isdir(dataset_records_path):
+  """The spec of the records in ``dataset_records_path`` (local or any TensorFlow filesystem:
+  ``gs://...``), with ``path`` set to that directory."""
+  if not dataset_records_path or not path_isdir(dataset_records_path):
     raise DataError(f"Meta-Dataset records directory {dataset_records_path!r} does not exist: "
                     "convert the source first (python -m visrep_jax.data.md_convert, or the "
                     "official meta_dataset converter) and point the config at it.")
   json_path = os.path.join(dataset_records_path, SPEC_FILENAME)
-  if not os.path.exists(json_path):
-    pkl = os.path.exists(os.path.join(dataset_records_path, "dataset_spec.pkl"))
+  if not path_exists(json_path):
+    pkl = path_exists(os.path.join(dataset_records_path, "dataset_spec.pkl"))
     hint = ("only an old dataset_spec.pkl is there: convert it with the official "
             "load_dataset_spec(path, convert_from_pkl=True) or re-run the conversion" if pkl else
             "the conversion did not finish or this is not a records directory; re-run it")
     raise DataError(f"No {SPEC_FILENAME} in {dataset_records_path}: {hint}.")
   try:
-    with open(json_path) as f:
-      spec = dataset_spec_from_json(f.read())
+    spec = dataset_spec_from_json(read_text(json_path))
   except (ValueError, KeyError, TypeError) as e:
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     raise DataError(f"Corrupt {json_path} ({msg}); re-run the conversion.") from None
@@ -650,10 +750,14 @@ def _all_class_ids(spec: AnySpec, split: Optional[Split] = None) -> List[int]:
 
 def check_class_files(spec: AnySpec, split: Optional[Split] = None) -> None:
   """Raises DataError naming the first missing class file (of ``split``, or of all splits)."""
-  if not os.path.isdir(spec.path):
+  if not path_isdir(spec.path):
     raise DataError(f"Meta-Dataset records directory {spec.path!r} of {spec.name} does not exist.")
-  missing = [class_record_path(spec, c) for c in _all_class_ids(spec, split)
-             if not os.path.exists(class_record_path(spec, c))]
+  paths = [class_record_path(spec, c) for c in _all_class_ids(spec, split)]
+  if is_remote_path(spec.path):  # one listing, not one request per class file
+    present = set(list_dir(spec.path))
+    missing = [p for p in paths if os.path.basename(p) not in present]
+  else:
+    missing = [p for p in paths if not os.path.exists(p)]
   if missing:
     more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
     raise DataError(f"Missing class file {missing[0]}{more} of {spec.name}: the conversion did not "
@@ -670,7 +774,7 @@ def make_class_dataset(spec: AnySpec, class_id: int, *, shuffle: bool = False,
   reshuffled each iteration)."""
   tf = tf_host()
   path = class_record_path(spec, class_id)
-  if not os.path.exists(path):
+  if not path_exists(path):
     raise DataError(f"Missing class file {path} (class {class_id} of {spec.name}): the conversion "
                     "did not finish; re-run it.")
   ds = tf.data.TFRecordDataset(path, buffer_size=read_buffer_size_bytes).take(num_to_take)
@@ -766,7 +870,7 @@ def load_class_images(spec: AnySpec, class_id: int, image_size: Optional[int] = 
   """
   tf = tf_host()
   path = class_record_path(spec, class_id)
-  if not os.path.exists(path):
+  if not path_exists(path):
     raise DataError(f"Missing class file {path} (class {class_id} of {spec.name}): the conversion "
                     "did not finish; re-run it.")
   ds = tf.data.TFRecordDataset(path)
@@ -833,26 +937,32 @@ def index_class_records(spec: AnySpec, class_id: int) -> np.ndarray:
   file, in file order. Raises DataError for a missing or truncated file, or a record count that
   differs from ``dataset_spec.json``."""
   path = class_record_path(spec, class_id)
-  if not os.path.exists(path):
+  if not path_exists(path):
     raise DataError(f"Missing class file {path} (class {class_id} of {spec.name}): the conversion "
                     "did not finish; re-run it.")
-  size = os.path.getsize(path)
   rows = []
-  with open(path, "rb") as f:
-    pos = 0
-    while pos < size:
-      f.seek(pos)
-      header = f.read(_HEADER)
-      if len(header) < _HEADER:
-        raise DataError(f"{path} is truncated in the header of record {len(rows)}: the conversion "
-                        "did not finish; re-run it.")
-      length = int.from_bytes(header[:8], "little")
-      end = pos + _HEADER + length + _FOOTER
-      if end > size:
-        raise DataError(f"{path} is truncated in record {len(rows)} ({length} bytes announced, "
-                        f"{size - pos - _HEADER} left): the conversion did not finish; re-run it.")
-      rows.append((pos, length))
-      pos = end
+  # A GFile (gs://, ...) reads ahead 512 KiB, so indexing a remote file costs about one read of it.
+  read_errors = (tf_host().errors.OpError,) if is_remote_path(path) else ()
+  try:
+    size = file_size(path)
+    with open_file(path, "rb") as f:
+      pos = 0
+      while pos < size:
+        f.seek(pos)
+        header = f.read(_HEADER)
+        if len(header) < _HEADER:
+          raise DataError(f"{path} is truncated in the header of record {len(rows)}: the "
+                          "conversion did not finish; re-run it.")
+        length = int.from_bytes(header[:8], "little")
+        end = pos + _HEADER + length + _FOOTER
+        if end > size:
+          raise DataError(f"{path} is truncated in record {len(rows)} ({length} bytes "
+                          f"announced, {size - pos - _HEADER} left): the conversion did not "
+                          "finish; re-run it.")
+        rows.append((pos, length))
+        pos = end
+  except read_errors as e:
+    raise DataError(_access_error(path, e)) from None
   expected = num_class_records(spec, class_id)
   if len(rows) != expected:
     raise DataError(f"{path} holds {len(rows)} records but {SPEC_FILENAME} says {expected}: "
@@ -870,9 +980,10 @@ def _random_record_reader(path: str):
 
 def read_records(path: str, index: np.ndarray, records: Sequence[int]) -> List[bytes]:
   """The serialized records ``records`` (numbers in file order) of ``path``, given its
-  :func:`index_class_records` ``index``, read in offset order. CRCs are checked by TensorFlow's
-  random-access reader; where that internal API is missing, records are read by plain seek +
-  read without CRC checks (a damaged record then fails when it is parsed or decoded)."""
+  :func:`index_class_records` ``index``, read in offset order (any TensorFlow filesystem). CRCs
+  are checked by TensorFlow's random-access reader; where that internal API is missing, records
+  are read by plain seek + read without CRC checks (a damaged record then fails when it is parsed
+  or decoded)."""
   tf = tf_host()  # TensorFlow's error types and reader
   out: Dict[int, bytes] = {}
   wanted = sorted(set(int(r) for r in records))
@@ -886,7 +997,7 @@ def read_records(path: str, index: np.ndarray, records: Sequence[int]) -> List[b
       finally:
         reader.close()
     else:
-      with open(path, "rb") as f:
+      with open_file(path, "rb") as f:
         for r in wanted:
           offset, length = (int(v) for v in index[r])
           f.seek(offset + _HEADER)
