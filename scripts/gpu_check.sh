@@ -41,7 +41,7 @@ timeout 150 python3 scripts/benchmark.py --model=deit3_small_patch16_224 --batch
     --dtype=bfloat16 --vs-timm --steps=10 --repeats=3 2>&1 | tee "$OUT_DIR/bench_bf16.txt"
 
 section "CrossTransformer step: memory and time, 50-way 500-support 50-query 14x14x512"
-timeout 120 python3 scripts/benchmark_ctx_memory.py --time --time_queries=50 --steps=5 \
+timeout 180 python3 scripts/benchmark_ctx_memory.py --time --time_queries=50 --steps=5 \
     --chunk=5,10 2>&1 | tee "$OUT_DIR/ctx_memory.txt"
 
 section "tests on the GPU"

@@ -38,11 +38,13 @@ def toy(tmp_path_factory):
   return str(root)
 
 
-def read(src, split, index=0, count=1):
-  """``[(label, original label, index in class)]`` of one process's examples of ``split``."""
+def read(src, split, index=0, count=1, take=None):
+  """``[(label, original label, index in class)]`` of one process's examples of ``split`` (its
+  first ``take``: a sampled split is endless)."""
   tf = tf_host()
   out = []
-  for ex in src.make(split, index, count).as_numpy_iterator():
+  ds = src.make(split, index, count)
+  for ex in (ds if take is None else ds.take(take)).as_numpy_iterator():
     px = tf.io.decode_png(ex["image"]).numpy()
     out.append((int(ex["label"]), int(px[0, 0, 0]), int(px[0, 1, 0])))
   return out
@@ -95,17 +97,8 @@ def test_uniform_sampling_draws_classes_uniformly_not_by_size(toy):
   records = np.bincount(labels("train"), minlength=4) / 2400
   np.testing.assert_allclose(records, np.array([30, 10, 20, 5]) / 65, atol=0.03)
   # Every image of the smallest class is drawn, and only the slice's images.
-  seen = {(c, k) for _, c, k in read_n(src, "train[1:]:uniform", 300)}
+  seen = {(c, k) for _, c, k in read(src, "train[1:]:uniform", take=300)}
   assert {k for c, k in seen if c == 3} == {1, 2, 3, 4} and all(k >= 1 for _, k in seen)
-
-
-def read_n(src, split, n):
-  tf = tf_host()
-  out = []
-  for ex in src.make(split, 0, 1).take(n).as_numpy_iterator():
-    px = tf.io.decode_png(ex["image"]).numpy()
-    out.append((int(ex["label"]), int(px[0, 0, 0]), int(px[0, 1, 0])))
-  return out
 
 
 def test_md_resize_gives_the_pixels_of_the_episode_pipeline(toy):
@@ -282,6 +275,67 @@ def test_training_stops_when_the_probe_declines_and_stays_stopped(mini_dir, tmp_
   aside = sorted(n for n in os.listdir(wd) if n.startswith("best.set-aside-"))
   assert len(aside) == 2, os.listdir(wd)
   assert any(os.listdir(os.path.join(wd, a, "checkpoints")) == kept for a in aside)
+
+
+@requires_fashion_mnist
+def test_a_failing_probe_checkpoints_its_step_and_the_rerun_resumes_exactly(mini_dir, tmp_path,
+                                                                             monkeypatch, capsys):
+  """The probe's fit raises at the second evaluation (step 4; periodic checkpoints are off): the
+  error propagates and the state of step 4 is checkpointed. The rerun (probe fixed) resumes at
+  step 4, evaluates it again and stops, as the uninterrupted run does, at step 6 (patience 2,
+  probe scores 0.9, 0.8, 0.7) with the same parameters, losses and probe record."""
+  from visrep_jax import checkpoint as ckpt_lib
+  from visrep_jax.trainers import supervised
+  real = linear_probe.fit_and_score
+
+  def scripted(fail_at=None):
+    scores, calls = iter([0.9, 0.8, 0.7] + [0.6] * 20), [0]
+
+    def fit_and_score(*a, **k):
+      calls[0] += 1
+      if calls[0] == fail_at:
+        raise RuntimeError("scripted probe failure")
+      return dict(real(*a, **k), top1=next(scores))
+    return fit_and_score
+
+  c = load_config("ctx_pretrain", f"runlocal,data={mini_dir},patience=2,steps=10")
+  c.eval_every_steps, c.checkpoint_every_steps, c.log_every_steps = 2, 0, 1
+  c.dataset.eval_split = "train[:1]"  # small evaluations: 6 images, probe 2 x 2 x 5 images
+  c.linear_probe.fit_split, c.linear_probe.score_split = "valid[:5]", "valid[5:10]"
+
+  def result(wd):
+    rows = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+    losses = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+    record = json.load(open(os.path.join(wd, "linear_probe.json")))
+    step = max(int(n) for n in os.listdir(os.path.join(wd, "checkpoints")))
+    state = ckpt_lib._restore_as_numpy(os.path.join(wd, "checkpoints", str(step), "state"))
+    return losses, record, step, state
+
+  monkeypatch.setattr(linear_probe, "fit_and_score", scripted())
+  ref = str(tmp_path / "ref")
+  supervised.train_and_evaluate(c, ref)
+  want_losses, want_record, want_step, want_state = result(ref)
+  assert want_step == 6 and [s for s, _ in want_losses] == [1, 2, 3, 4, 5, 6]
+  assert want_record["history"] == [[2, 0.9], [4, 0.8], [6, 0.7]] and want_record["stopped"]
+
+  monkeypatch.setattr(linear_probe, "fit_and_score", scripted(fail_at=2))
+  wd = str(tmp_path / "w")
+  with pytest.raises(RuntimeError, match="scripted probe failure"):
+    supervised.train_and_evaluate(c, wd)
+  assert os.listdir(os.path.join(wd, "checkpoints")) == ["4"]
+  assert "The evaluation at step 4 failed (RuntimeError: scripted probe failure)" in (
+      capsys.readouterr().out)
+  # The same command, the probe fixed: the scores go on where the failed run left them.
+  supervised.train_and_evaluate(c, wd)
+  out = capsys.readouterr().out
+  assert "at step 4." in out and "Evaluating step 4 again" in out, out[-2000:]
+  losses, record, step, state = result(wd)
+  assert losses == want_losses and record == want_record and step == want_step
+  flat_want = dict(jax.tree_util.tree_flatten_with_path(want_state)[0])
+  flat_got = dict(jax.tree_util.tree_flatten_with_path(state)[0])
+  assert flat_got.keys() == flat_want.keys()
+  for k in flat_want:
+    np.testing.assert_array_equal(flat_got[k], flat_want[k], err_msg=jax.tree_util.keystr(k))
 
 
 def run_main(args, workdir):

@@ -1,9 +1,6 @@
 """The supervised trainer: identical numbers on 1 device, 8 devices (data parallel) and FSDP;
 NaN handling; mixup/cutmix semantics."""
 
-import importlib.util
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,14 +9,11 @@ import pytest
 from visrep_jax import config_lib
 from visrep_jax.data import mixing, pipeline
 from visrep_jax.trainers import supervised
-from conftest import REPO
+from conftest import load_config
 
 
 def runlocal_config(**overrides):
-  spec = importlib.util.spec_from_file_location("deit3", os.path.join(REPO, "configs", "deit3.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config("runlocal")
+  c = load_config("deit3", "runlocal")
   with c.unlocked():
     c.model.drop_path_rate = 0.1
     c.mixup.mixup_alpha = 0.8

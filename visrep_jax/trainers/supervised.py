@@ -2,7 +2,9 @@
 
 The loop: sharded state -> resume from ``WORKDIR/checkpoints`` if present -> for each step,
 global batch -> jitted ``train_step`` -> metrics / eval / checkpoints. SIGTERM (preemption)
-saves a checkpoint and exits; restarting the same command resumes exactly.
+saves a checkpoint and exits; restarting the same command resumes exactly. An evaluation that
+raises mid-training (e.g. the linear probe's fit) checkpoints its step first; the rerun resumes
+there and, when the probe's record lacks that step, evaluates it again before training on.
 
 With ``config.linear_probe`` set, every evaluation also fits a linear probe on the frozen
 features (``evaluators.linear_probe``): the best probe's weights go to ``WORKDIR/best`` and
@@ -257,9 +259,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     writer.write_scalars(step, scalars)
     return res
 
-  def save(step, force=False):
+  def save(step, force=False) -> bool:
+    """False when ``step`` is already saved (it is not written twice)."""
     meta = {"step": int(step), "config": json.loads(config.to_json_best_effort())}
-    ckpt.save(step, state, meta, force=force)
+    return ckpt.save(step, state, meta, force=force)
+
+  def save_after_failed_eval(step, m, error):
+    """An evaluation (e.g. the linear probe's fit) raised mid-training: checkpoint the state of
+    ``step`` (unless saved already) so that the rerun resumes there, not at the last periodic
+    checkpoint. A non-finite loss at ``step`` (likely the cause) is raised instead, unsaved."""
+    try:
+      _check_finite(step, m)
+    except NonFiniteLossError as nan:
+      raise nan from error
+    if save(step, force=True):
+      _log("The evaluation at step %d failed (%s: %s); saved a checkpoint at step %d in %s: fix "
+           "the problem and rerun the same command to resume there.", step,
+           type(error).__name__, error, step, ckpt.directory)
 
   final: Dict[str, Any] = {}
   if config.eval_only:
@@ -289,6 +305,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   try:
     with _SigtermFlag() as sigterm:
       step = start_step
+      if (probe is not None and not stopped and 0 < start_step < total_steps
+          and config.eval_every_steps and start_step % config.eval_every_steps == 0
+          and start_step not in {s for s, _ in probe.stopping.history}):
+        # Resumed at an evaluation step whose probe result is not in the record (the evaluation
+        # failed or was interrupted after the checkpoint): evaluate it now, so that early stopping
+        # and the best weights see every evaluation an uninterrupted run sees.
+        _log("Evaluating step %d again: its evaluation did not finish before the restart.",
+             start_step)
+        last_eval, last_eval_step = run_eval(start_step), start_step
+        stopped = probe.should_stop
       while step < total_steps and not stopped:
         batch = next(batches)
         state, m = b["train_step"](state, batch, b["rng"])
@@ -315,7 +341,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
         if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
           save(step)
         if config.eval_every_steps and step % config.eval_every_steps == 0 and step < total_steps:
-          last_eval, last_eval_step = run_eval(step), step
+          try:
+            last_eval, last_eval_step = run_eval(step), step
+          except Exception as e:
+            save_after_failed_eval(step, m, e)
+            raise
           stopped = probe is not None and probe.should_stop
         if step == fault_step and jax.process_index() == 0:
           os.kill(os.getpid(), fault_signal)
