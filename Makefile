@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 WORKDIR ?= workdirs/demo
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup setup-test demo data test test-fast benchmark clean
+.PHONY: setup setup-test malloc demo data test test-fast benchmark clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,17 @@ $(VENV)/.installed-test: $(VENV)/.installed
 setup: $(VENV)/.installed
 setup-test: $(VENV)/.installed-test
 
+# tcmalloc (visrep_jax/utils/malloc.py: ~13% faster CPU train steps than glibc's allocator),
+# installed when missing if we are root (else a hint; everything works without it).
+malloc:
+	@ls /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4 >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1 || \
+	      { apt-get update -qq && apt-get install -y -qq libtcmalloc-minimal4 >/dev/null; } || true; \
+	  else echo "hint: sudo apt-get install libtcmalloc-minimal4 makes CPU training faster"; fi; }
+
 # Fashion-MNIST offline: Debian's dataset-fashion-mnist (IDX files), installed if missing.
-data: setup
+data: setup malloc
 	@test -f $(FASHION_MNIST) || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
 	  else echo "Installing Debian's dataset-fashion-mnist (needs sudo)"; sudo apt-get install -y dataset-fashion-mnist; fi; }

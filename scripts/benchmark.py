@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.modules.setdefault("tensorflow", None)  # type: ignore[arg-type]
 
 from visrep_jax.utils import xla as xla_utils  # noqa: E402  (no jax import)
+from visrep_jax.utils import malloc as malloc_utils  # noqa: E402  (no jax import)
 
 
 def parse_args(argv=None):
@@ -71,6 +72,9 @@ def parse_args(argv=None):
 
 
 ARGS = parse_args()
+# Both frameworks run in this process, so both get the same allocator: tcmalloc when installed
+# (visrep_jax/utils/malloc.py; VISREP_MALLOC=system for glibc's). Printed in the header.
+malloc_utils.ensure_tcmalloc()
 if ARGS.cpu_flags:
   xla_utils.set_cpu_flags()
 
@@ -300,7 +304,8 @@ def main(args):
   print(f"devices: {jax.devices()}  cores: {os.cpu_count()}  jax {jax.__version__}  "
         f"matmul precision: {jax.config.jax_default_matmul_precision or 'default'}")
   print(f"XLA_FLAGS: {os.environ.get('XLA_FLAGS', '')!r}  inference compile options: "
-        f"{xla_utils.cpu_compiler_options('infer') if args.cpu_flags else {}}")
+        f"{xla_utils.cpu_compiler_options('infer') if args.cpu_flags else {}}  "
+        f"allocator: {malloc_utils.active_allocator()}")
   on_cpu = jax.default_backend() == "cpu"
   peak = measure_matmul_peak(jnp.dtype(args.dtype), n=4096 if on_cpu else 8192)
   print(f"measured {args.dtype} matmul peak: {peak / 1e9:.1f} GFLOP/s")
@@ -322,11 +327,13 @@ def main(args):
     for bench in benches.values():
       getattr(bench, mode)(args.warmup)
   # Interleave frameworks window by window, so that load from other processes on the machine
-  # hits both alike; the JAX/timm ratio is the median of the ratios of adjacent windows.
+  # hits both alike; the JAX/timm ratio is the median of the ratios of adjacent windows. One mode
+  # at a time: alternating JAX's train and inference executables fragments the allocator's free
+  # memory, and the next train step's temporary buffer is faulted in afresh (slower windows).
   wall = {(k, m): [] for k in benches for m in modes}
   cpu = {(k, m): [] for k in benches for m in modes}
-  for _ in range(args.repeats):
-    for mode in modes:
+  for mode in modes:
+    for _ in range(args.repeats):
       for key, bench in benches.items():
         w, c = timed(getattr(bench, mode), args.steps)
         wall[(key, mode)].append(w)

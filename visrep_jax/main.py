@@ -10,6 +10,12 @@ from __future__ import annotations
 import os
 import sys
 
+if __name__ == "__main__":
+  # tcmalloc instead of glibc's allocator (re-executes this command once when it is installed):
+  # ~13% faster CPU training steps, see visrep_jax/utils/malloc.py. VISREP_MALLOC=system: off.
+  from visrep_jax.utils import malloc as _malloc
+  _malloc.ensure_tcmalloc()
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 

@@ -259,7 +259,7 @@ def _ctx_fused_bwd(num_classes, scale, no_support_logit, chunk_size, precision, 
   k, v = keys.astype(f32), values.astype(f32)
   n, positions = q.shape[0], q.shape[1]
   labels = jnp.where(valid, jnp.asarray(support_labels).astype(jnp.int32), 0)
-  has_support = jnp.zeros((num_classes,), bool).at[labels].max(valid)
+  has_support = jnp.any((labels[:, None] == jnp.arange(num_classes)) & valid[:, None], axis=0)
   # A class without support has a constant logit: no gradient flows from it.
   g = jnp.where(has_support[None, :], g.astype(f32), 0.0)
   scale = jnp.asarray(scale, f32)
