@@ -45,7 +45,7 @@ test: setup-test data
 test-fast: setup-test
 	$(PY) -m pytest -q -n 2 -m "not slow" tests
 
-benchmark: setup-test
+benchmark: setup-test malloc
 	$(PY) scripts/benchmark.py --model=deit3_small_patch16_224 --batch_size=32 --resolution=224 --vs-timm
 
 clean:

@@ -74,7 +74,7 @@ def parse_args(argv=None):
 ARGS = parse_args()
 # Both frameworks run in this process, so both get the same allocator: tcmalloc when installed
 # (visrep_jax/utils/malloc.py; VISREP_MALLOC=system for glibc's). Printed in the header.
-malloc_utils.ensure_tcmalloc()
+malloc_utils.ensure_tcmalloc(script=__file__)
 if ARGS.cpu_flags:
   xla_utils.set_cpu_flags()
 

@@ -69,6 +69,14 @@ def test_cli_errors_are_one_clear_line(tmp_path, args, message):
   assert "Traceback" not in r.stderr
 
 
+def test_a_bad_allocator_setting_is_one_clear_line(tmp_path):
+  r = main([f"--config={RUNLOCAL}"], tmp_path / "w", VISREP_MALLOC="glibc")
+  assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+  assert r.stderr.strip().splitlines() == [
+      "error: VISREP_MALLOC='glibc' is neither 'auto', 'system' nor an existing allocator "
+      "library file: unset it, or give the path of e.g. libtcmalloc_minimal.so.4."]
+
+
 @requires_fashion_mnist
 def test_demo_runs_on_real_fashion_mnist(tmp_path):
   w = tmp_path / "demo"

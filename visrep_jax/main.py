@@ -14,7 +14,7 @@ if __name__ == "__main__":
   # tcmalloc instead of glibc's allocator (re-executes this command once when it is installed):
   # ~13% faster CPU training steps, see visrep_jax/utils/malloc.py. VISREP_MALLOC=system: off.
   from visrep_jax.utils import malloc as _malloc
-  _malloc.ensure_tcmalloc()
+  _malloc.ensure_tcmalloc(module="visrep_jax.main")
 
 from absl import app, flags, logging
 from ml_collections import config_flags

@@ -1005,6 +1005,9 @@ def read_records(path: str, index: np.ndarray, records: Sequence[int]) -> List[b
           if len(out[r]) != length:
             raise IndexError("truncated")
   except (tf.errors.OpError, IndexError, OSError) as e:
+    if (is_remote_path(path) and isinstance(e, tf.errors.OpError)
+        and not isinstance(e, tf.errors.DataLossError)):  # unavailable, permission, ...
+      raise DataError(_access_error(path, e)) from None
     raise DataError(f"Corrupt record {r} in {path} ({_one_line(e)}): the file is damaged or "
                     "changed while it was read; re-run the conversion of this class.") from None
   return [out[int(r)] for r in records]

@@ -267,7 +267,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   def save_after_failed_eval(step, m, error):
     """An evaluation (e.g. the linear probe's fit) raised mid-training: checkpoint the state of
     ``step`` (unless saved already) so that the rerun resumes there, not at the last periodic
-    checkpoint. A non-finite loss at ``step`` (likely the cause) is raised instead, unsaved."""
+    checkpoint. A non-finite loss at ``step`` (likely the cause) is raised instead, unsaved.
+    Single-process runs only: the save is a collective, and an evaluation can fail on one
+    process alone (process 0 writes the probe record and the metrics), so a multi-process run
+    just fails, as before, and resumes at its last checkpoint."""
+    if jax.process_count() > 1:
+      _log("The evaluation at step %d failed (%s: %s); no checkpoint is written for it in a "
+           "multi-process run: the rerun resumes at the last periodic checkpoint.", step,
+           type(error).__name__, error)
+      return
     try:
       _check_finite(step, m)
     except NonFiniteLossError as nan:
@@ -305,9 +313,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   try:
     with _SigtermFlag() as sigterm:
       step = start_step
-      if (probe is not None and not stopped and 0 < start_step < total_steps
-          and config.eval_every_steps and start_step % config.eval_every_steps == 0
-          and start_step not in {s for s, _ in probe.stopping.history}):
+      if _agree(probe is not None and not stopped and 0 < start_step < total_steps
+                and config.eval_every_steps and start_step % config.eval_every_steps == 0
+                and start_step not in {s for s, _ in probe.stopping.history}):
         # Resumed at an evaluation step whose probe result is not in the record (the evaluation
         # failed or was interrupted after the checkpoint): evaluate it now, so that early stopping
         # and the best weights see every evaluation an uninterrupted run sees.
@@ -417,6 +425,14 @@ def _restore(ckpt, step: int, state, state_shardings):
   elif i == 2:
     _log("The checkpoint's weight EMA is dropped (config.ema.decay = 0).")
   return restored, meta
+
+
+def _agree(local_flag: bool) -> bool:
+  """Process 0's ``local_flag`` on every process (each read its own copy of the workdir)."""
+  if jax.process_count() == 1:
+    return bool(local_flag)
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(bool(local_flag))))
 
 
 def _preempted(local_flag: bool, step: int, every: int) -> bool:

@@ -16,11 +16,14 @@ never returns memory to the OS, so the process keeps its peak footprint, as a tr
 anyway). The allocator can only be replaced when
 the process starts (``LD_PRELOAD``), so :func:`ensure_tcmalloc` re-executes the current command
 line (``sys.orig_argv``) once with tcmalloc preloaded. Entry points call it first thing
-(``python -m visrep_jax.main``, ``scripts/benchmark.py``); a library import never does.
+(``python -m visrep_jax.main``, ``scripts/benchmark.py``), and it acts only when the process's
+own command line is that entry point: an import, runpy, IPython's %run or a debugger never
+re-executes anything. The process keeps its PID (signals, SLURM, timeouts are unaffected).
 
 ``VISREP_MALLOC``: ``auto`` (default: tcmalloc when installed, e.g. Debian/Ubuntu
-``apt-get install libtcmalloc-minimal4``; otherwise the system allocator, unchanged), ``system``
-(never re-execute), or the path of an allocator library to preload. Nothing here imports jax.
+``apt-get install libtcmalloc-minimal4``, on a CPU-only host, outside conda and with an empty
+``LD_PRELOAD``; otherwise the system allocator, unchanged), ``system`` (never re-execute), or the
+path of an allocator library to preload (appended to ``LD_PRELOAD``). Nothing here imports jax.
 """
 
 from __future__ import annotations
@@ -60,26 +63,40 @@ def find_tcmalloc(dirs: Sequence[str] = SEARCH_DIRS) -> Optional[str]:
 
 
 def preloaded(environ: Mapping[str, str]) -> bool:
-  """Whether ``LD_PRELOAD`` already names tcmalloc (or jemalloc: the user chose)."""
-  value = environ.get("LD_PRELOAD", "")
-  return any(k in value for k in ("tcmalloc", "jemalloc"))
+  """Whether ``LD_PRELOAD`` is set at all: then it is the user's choice (another allocator, a
+  sanitizer that must come first, ...) and ``auto`` leaves it alone."""
+  return bool(environ.get("LD_PRELOAD", "").strip())
+
+
+def _accelerator_host(environ: Mapping[str, str]) -> bool:
+  platforms = environ.get("JAX_PLATFORMS", "").strip()
+  if platforms:
+    return platforms.split(",")[0].strip() != "cpu"
+  return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/accel0", "/dev/kfd"))
 
 
 def reexec_environment(environ: Mapping[str, str], platform: str = sys.platform,
-                       find: Callable[[], Optional[str]] = find_tcmalloc
-                       ) -> Optional[Dict[str, str]]:
-  """The environment to re-execute with, or None to go on as is (pure: no side effects)."""
+                       find: Callable[[], Optional[str]] = find_tcmalloc,
+                       accelerator: Optional[bool] = None) -> Optional[Dict[str, str]]:
+  """The environment to re-execute with, or None to go on as is (pure but for ``find`` and, when
+  ``accelerator`` is None, a look at the accelerator device files).
+
+  ``auto`` applies only on CPU hosts (on GPU/TPU hosts the step's buffers live on the device),
+  outside conda environments (tcmalloc loads the system libstdc++ before the environment's) and
+  when ``LD_PRELOAD`` is empty."""
   choice = environ.get(ENV_CHOICE, "auto").strip() or "auto"
   if choice == "system" or environ.get(ENV_DONE) or not platform.startswith("linux"):
     return None
   if choice == "auto":
-    if preloaded(environ):
+    if preloaded(environ) or environ.get("CONDA_PREFIX"):
+      return None
+    if accelerator if accelerator is not None else _accelerator_host(environ):
       return None
     library = find()
     if library is None:
       return None
   else:
-    library = choice
+    library = os.path.abspath(choice)
     if not os.path.isfile(library):
       raise MallocError(f"{ENV_CHOICE}={choice!r} is neither 'auto', 'system' nor an existing "
                         "allocator library file: unset it, or give the path of e.g. "
@@ -87,22 +104,66 @@ def reexec_environment(environ: Mapping[str, str], platform: str = sys.platform,
     if library in environ.get("LD_PRELOAD", "").split(":"):
       return None
   env = dict(environ)
-  env["LD_PRELOAD"] = ":".join(p for p in (library, environ.get("LD_PRELOAD", "")) if p)
+  # After what is there already (a sanitizer runtime must stay first).
+  env["LD_PRELOAD"] = ":".join(p for p in (environ.get("LD_PRELOAD", ""), library) if p)
   env[ENV_DONE] = "1"
   for key, value in TCMALLOC_DEFAULTS.items():
     env.setdefault(key, value)
   return env
 
 
-def ensure_tcmalloc() -> None:
-  """Re-executes this process's command line with tcmalloc preloaded when that applies (see the
-  module docstring); returns when it does not. Call it before anything heavy is imported."""
-  env = reexec_environment(os.environ)
-  if env is None:
+def launched_as(orig_argv: Sequence[str], module: Optional[str] = None,
+                script: Optional[str] = None) -> bool:
+  """Whether the command line ``orig_argv`` runs ``python -m module`` or ``python script``
+  (interpreter options before either are skipped). False for ``python -c``, a host program
+  that runs the entry point through runpy / IPython's %run, and anything else."""
+  args = list(orig_argv[1:])
+  i = 0
+  while i < len(args):
+    a = args[i]
+    if a == "-m" or (a.startswith("-m") and len(a) > 2):
+      name = args[i + 1] if a == "-m" and i + 1 < len(args) else a[2:]
+      return module is not None and name == module
+    if a in ("-c",) or a.startswith("-c"):
+      return False
+    if a in ("-W", "-X", "--check-hash-based-pycs"):  # options taking a value
+      i += 2
+      continue
+    if a.startswith("-"):
+      i += 1
+      continue
+    return (script is not None and
+            os.path.realpath(a) == os.path.realpath(script))
+  return False
+
+
+def _debugging() -> bool:
+  return sys.gettrace() is not None or any(m in sys.modules for m in ("pdb", "debugpy", "pydevd"))
+
+
+def ensure_tcmalloc(module: Optional[str] = None, script: Optional[str] = None) -> None:
+  """Entry points only: re-executes this process's command line with tcmalloc preloaded when
+  that applies (see :func:`reexec_environment`) and the command line is really this entry point
+  (``python -m module`` / ``python script``: never when run through runpy, IPython's %run or
+  a debugger); returns otherwise. A bad ``VISREP_MALLOC`` is a one-line error (exit 2). Call it
+  before anything heavy is imported."""
+  if os.environ.get(ENV_DONE):
+    if os.environ.get(ENV_CHOICE, "auto") != "system" and active_allocator() == "system":
+      print(f"visrep_jax: warning: {os.environ.get('LD_PRELOAD')!r} did not load (see the "
+            "loader's message above); using the system allocator.", file=sys.stderr)
     return
-  argv = list(getattr(sys, "orig_argv", None) or [sys.executable] + sys.argv)
-  sys.stdout.flush()
-  sys.stderr.flush()
+  try:
+    env = reexec_environment(os.environ)
+  except MallocError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  argv = list(getattr(sys, "orig_argv", None) or [])
+  if env is None or not launched_as(argv, module, script) or _debugging():
+    return
+  argv[0] = sys.executable  # not a bare 'python' that PATH might resolve to another interpreter
+  for stream in (sys.stdout, sys.stderr):
+    if stream is not None:
+      stream.flush()
   try:
     os.execve(sys.executable, argv, env)
   except OSError as e:  # go on with the system allocator rather than fail the run
@@ -111,13 +172,14 @@ def ensure_tcmalloc() -> None:
 
 
 def active_allocator() -> str:
-  """'tcmalloc', 'jemalloc' or 'system': what this process has mapped (Linux; else 'system')."""
+  """'tcmalloc', 'jemalloc' or 'system': the allocator library this process has mapped (Linux;
+  elsewhere 'system')."""
   try:
     with open("/proc/self/maps") as f:
-      maps = f.read()
+      names = {os.path.basename(line.split()[-1]) for line in f if "/" in line}
   except OSError:
     return "system"
   for name in ("tcmalloc", "jemalloc"):
-    if name in maps:
+    if any(n.startswith(f"lib{name}") for n in names):
       return name
   return "system"
