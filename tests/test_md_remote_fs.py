@@ -136,7 +136,7 @@ def test_records_and_pixels_match_the_local_copy(tmp_path, image_format, monkeyp
   tf_host().io.gfile.rmtree(remote)
 
 
-def test_episodes_match_the_local_copy(copies):
+def test_episodes_match_the_local_copy(copies, monkeypatch):
   local, remote = copies
   descr = episodes_lib.EpisodeDescriptionConfig.fixed(3, 2, 3)
   src_ram = ep_lib.open_sources(remote, ["toy"], "train", descr, 12, channels=1)[0]
@@ -152,7 +152,7 @@ def test_episodes_match_the_local_copy(copies):
   cache = src_ram._cache
   cid = int(src_ram.sampler.class_set[int(a["support_class_ids"][0])])
   path = md.class_record_path(src_ram.spec, cid)
-  old_index, stamp = cache._index[cid]
+  old_index, stamp, _ = cache._index[cid]
   assert stamp == (tf.io.gfile.stat(path).length, 0) == md.file_stamp(path)
   assert any(k[0] == cid for k in cache._items)
   tf.io.gfile.remove(path)  # ram:// (TF 2.21) appends to an existing file instead of replacing it
@@ -161,6 +161,9 @@ def test_episodes_match_the_local_copy(copies):
       w.write(md_convert.serialize_example(md_convert.encode_image(
           np.full((12, 10, 1), 7, np.uint8)), cid))
   assert md.file_stamp(path) != stamp
+  # Remote files are re-checked at most every REMOTE_STAMP_TTL_S seconds (a stat is a round trip).
+  assert cache._class_index(cid) is old_index
+  monkeypatch.setattr(ep_lib, "REMOTE_STAMP_TTL_S", 0.0)
   new_index = cache._class_index(cid)
   assert not np.array_equal(new_index, old_index)
   np.testing.assert_array_equal(new_index, md.index_class_records(src_ram.spec, cid))

@@ -33,6 +33,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -40,6 +41,10 @@ import numpy as np
 from visrep_jax.data import DataError
 from visrep_jax.data import episodes as episodes_lib
 from visrep_jax.data import meta_dataset as md
+
+# A class file on a remote filesystem (gs://, ...) is checked for changes at most this often
+# (seconds): its stat is a network round trip, and an episode may miss images of 50 classes.
+REMOTE_STAMP_TTL_S = 60.0
 
 
 class EpisodeError(DataError):
@@ -68,26 +73,35 @@ class _ImageCache:
     self.max_bytes = max_bytes
     self._items: "collections.OrderedDict[Tuple[int, int], np.ndarray]" = (
         collections.OrderedDict())
-    self._index: Dict[int, Tuple[np.ndarray, Any]] = {}  # class -> (index, (size, mtime))
+    # class -> (index, (size, mtime), time of the last stamp check)
+    self._index: Dict[int, Tuple[np.ndarray, Any, float]] = {}
     self._bytes = 0
     self._lock = threading.Lock()
     self.decoded = 0  # images decoded so far (cache misses)
 
   def _class_index(self, class_id: int) -> np.ndarray:
     """The class file's record index, rebuilt when the file changed since it was indexed (a
-    re-run conversion; its decoded images are dropped from the cache too)."""
-    # (size, mtime); None: index_class_records reports the missing file.
-    stamp = md.file_stamp(md.class_record_path(self.spec, class_id))
+    re-run conversion; its decoded images are dropped from the cache too). A remote file is
+    checked at most every ``REMOTE_STAMP_TTL_S`` seconds."""
+    path = md.class_record_path(self.spec, class_id)
+    now = time.monotonic()
     with self._lock:
       cached = self._index.get(class_id)
+    if (cached is not None and md.is_remote_path(path)
+        and now - cached[2] < REMOTE_STAMP_TTL_S):
+      return cached[0]
+    # (size, mtime); None: index_class_records reports the missing file.
+    stamp = md.file_stamp(path)
     if cached is not None and cached[1] == stamp:
+      with self._lock:
+        self._index[class_id] = (cached[0], stamp, now)
       return cached[0]
     index = md.index_class_records(self.spec, class_id)
     with self._lock:
       if cached is not None:  # the file changed: its decoded images are stale
         for key in [k for k in self._items if k[0] == class_id]:
           self._bytes -= self._items.pop(key).nbytes
-      self._index[class_id] = (index, stamp)
+      self._index[class_id] = (index, stamp, now)
     return index
 
   def clear(self):
