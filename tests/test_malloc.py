@@ -108,3 +108,22 @@ def test_the_entry_point_reruns_once_with_tcmalloc_and_a_host_program_never(tmp_
   out = subprocess.run([sys.executable, str(hp)], env=env, capture_output=True, text=True,
                        timeout=60)
   assert out.stdout.split("\n")[:3] == ["host", "start", "system ['x']"], out
+
+
+def test_allocator_benchmark_children_never_reexecute_and_get_their_allocator():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "benchmark_malloc", os.path.join(REPO, "scripts", "benchmark_malloc.py"))
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  env, why = bench.allocator_env("system")
+  assert why is None and env[malloc.ENV_CHOICE] == "system" and "LD_PRELOAD" not in env
+  env, _ = bench.allocator_env("hugetlb")
+  assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+  env, why = bench.allocator_env("tcmalloc")
+  if malloc.find_tcmalloc() is None:
+    assert env is None and "libtcmalloc-minimal4" in why
+  else:
+    assert env["LD_PRELOAD"] == malloc.find_tcmalloc() and env["TCMALLOC_RELEASE_RATE"] == "0"
+  with pytest.raises(SystemExit, match="unknown allocator 'mimalloc'"):
+    bench.allocator_env("mimalloc")

@@ -3,13 +3,15 @@
 XLA's CPU runtime allocates each execution's temporary buffer with ``malloc`` and frees it when
 the execution ends (3.1 GiB for a DeiT-S/16 train step at batch 32). glibc serves blocks that
 large with ``mmap`` and gives them back with ``munmap`` (from a worker thread's arena even
-``M_MMAP_MAX=0`` does not stop it), so every step page-faults the whole buffer in again. Measured
-on the 2-core CPU (jaxlib 0.10.2, glibc 2.36, that step, 4 steps each):
+``M_MMAP_MAX=0`` does not stop it), so every step page-faults the whole buffer in again.
+``python scripts/benchmark_malloc.py --allocators=system,tcmalloc,jemalloc,hugetlb`` (2-core
+CPU, jaxlib 0.10.2, glibc 2.36, that step, 4 steps each, 2026-11-26), median s/step and ratio:
 
-  glibc              6.13-6.26 s/step   ~820k minor faults and 1.4-1.6 s system time per step
-  glibc hugetlb=1    5.51-6.05 s/step   (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)
-  jemalloc 5.3       6.75-6.92 s/step   (still faults: it purges freed extents)
-  tcmalloc 2.10      5.39-5.40 s/step   ~0-3k faults, 0.02 s system time
+  glibc              6.52 s/step (1.00x)  814-869k minor faults, 1.5-1.8 s system time per step
+  glibc hugetlb=1    5.42 s/step (0.83x)  2-63k faults, 0.34-0.43 s system time
+  jemalloc 5.3       6.18 s/step (0.95x)  887-904k faults (it purges freed extents)
+  tcmalloc 2.10      5.36 s/step (0.82x)  0-2k faults, 0.00-0.01 s system time (one of the four
+                                          steps faulted 871k pages in again: 6.12 s)
 
 tcmalloc keeps freed spans and hands them out again (here with ``TCMALLOC_RELEASE_RATE=0``: it
 never returns memory to the OS, so the process keeps its peak footprint, as a training run does
