@@ -59,6 +59,11 @@ def parse_args(argv=None):
   p.add_argument("--no-infer", dest="infer", action="store_false")
   p.add_argument("--no-cpu-flags", dest="cpu_flags", action="store_false",
                  help="do not apply visrep_jax.utils.xla.set_cpu_flags() (for comparison)")
+  p.add_argument("--host_devices", default="1",
+                 help="CPU only: XLA host devices the batch is split over, data parallel in this "
+                      "process (config.cpu_devices of python -m visrep_jax.main; see "
+                      "visrep_jax.utils.xla.set_cpu_flags). A list (e.g. 1,2) runs the benchmark "
+                      "once per value, each in its own process, and compares them")
   p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
   p.add_argument("--torch_device", default=None,
                  help="torch device for --vs-timm (default: 'cuda' when JAX runs on a GPU and "
@@ -68,15 +73,57 @@ def parse_args(argv=None):
                       "dtype, see visrep_jax.models.layers.self_attention)")
   p.add_argument("--lr", type=float, default=1e-3)
   p.add_argument("--weight_decay", type=float, default=0.05)
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  try:
+    args.host_devices_list = [int(v) for v in args.host_devices.split(",")]
+    if any(v < 1 for v in args.host_devices_list):
+      raise ValueError
+  except ValueError:
+    p.error(f"--host_devices={args.host_devices!r}: give integers >= 1, e.g. 2 or 1,2")
+  args.host_devices = args.host_devices_list[0]
+  return args
+
+
+SUMMARY = "SUMMARY "
+
+
+def compare_host_devices(args, argv):
+  """One child process per --host_devices value (XLA flags are process-wide); prints each
+  child's output, then its JAX figures against the first value's and against timm's."""
+  import json
+  import subprocess
+  rest = [a for a in argv if not a.startswith("--host_devices")]
+  results = {}
+  for n in args.host_devices_list:
+    print(f"===== --host_devices={n}", flush=True)
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), *rest, f"--host_devices={n}"],
+                       capture_output=True, text=True)
+    out = [l for l in r.stdout.splitlines() if not l.startswith(SUMMARY)]
+    print("\n".join(out), flush=True)
+    done = [l for l in r.stdout.splitlines() if l.startswith(SUMMARY)]
+    if r.returncode or not done:
+      raise SystemExit(f"--host_devices={n} failed:\n{r.stderr[-2000:]}")
+    results[n] = json.loads(done[-1][len(SUMMARY):])
+  first = args.host_devices_list[0]
+  print(f"\n{'host devices':>12} {'mode':<6} {'jax img/s':>9} {f'vs {first}':>7} {'jax/timm':>8}")
+  for n, res in results.items():
+    for mode, row in res.items():
+      base = results[first][mode]["jax"]
+      ratio = f"{row['ratio']:8.2f}" if row.get("ratio") is not None else f"{'-':>8}"
+      print(f"{n:>12} {mode:<6} {row['jax']:9.2f} {row['jax'] / base:6.2f}x {ratio}")
 
 
 ARGS = parse_args()
+if len(ARGS.host_devices_list) > 1:
+  compare_host_devices(ARGS, sys.argv[1:])
+  sys.exit(0)
 # Both frameworks run in this process, so both get the same allocator: tcmalloc when installed
 # (visrep_jax/utils/malloc.py; VISREP_MALLOC=system for glibc's). Printed in the header.
 malloc_utils.ensure_tcmalloc(script=__file__)
 if ARGS.cpu_flags:
-  xla_utils.set_cpu_flags()
+  xla_utils.set_cpu_flags(devices=ARGS.host_devices)
+elif ARGS.host_devices > 1:
+  xla_utils.merge_xla_flags({xla_utils.HOST_DEVICE_FLAG: str(ARGS.host_devices)})
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -126,10 +173,12 @@ def make_jax_infer(model):
 
 
 def cost_flops(compiled) -> float:
+  """FLOPs of one call of ``compiled`` over all devices: XLA's cost analysis of an SPMD
+  executable counts one device's share (the batch is split evenly over the devices here)."""
   ca = compiled.cost_analysis()
   if isinstance(ca, (list, tuple)):  # older jax returned one dict per computation
     ca = ca[0] if ca else {}
-  return float((ca or {}).get("flops", float("nan")))
+  return float((ca or {}).get("flops", float("nan"))) * jax.device_count()
 
 
 def measure_matmul_peak(dtype=jnp.float32, n: int = 4096, iters: int = 5) -> float:
@@ -162,18 +211,28 @@ class JaxBench:
     self.model = models.create(args.model, **overrides)
     b = args.batch_size
     rng = np.random.RandomState(0)
-    self.images = jnp.asarray(rng.randn(b, res, res, 3).astype(np.float32))
+    # Several devices (CPU host devices, see --host_devices): the batch is split over them and
+    # the state replicated, as the framework's trainer does with its default data-parallel mesh.
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    if b % jax.device_count():
+      raise SystemExit(f"--batch_size={b} is not divisible by the {jax.device_count()} devices")
+    self.images = jax.device_put(rng.randn(b, res, res, 3).astype(np.float32), batch_sharding)
     n_cls = max(getattr(self.model, "num_classes", 1000), 1)
-    self.labels = jnp.asarray(rng.randint(0, n_cls, size=(b,)).astype(np.int32))
-    self.rng = jax.random.PRNGKey(0)
-    variables = jax.jit(lambda k: self.model.init(k, self.images[:1]))(self.rng)
+    self.labels = jax.device_put(rng.randint(0, n_cls, size=(b,)).astype(np.int32),
+                                 batch_sharding)
+    self.rng = jax.device_put(jax.random.PRNGKey(0), replicated)
+    variables = jax.jit(lambda k: self.model.init(k, jnp.zeros((1, res, res, 3))),
+                        out_shardings=replicated)(self.rng)
     params = variables["params"]
     model_state = {k: v for k, v in variables.items() if k != "params"}
     self.n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     self.tx = optax.adamw(args.lr, weight_decay=args.weight_decay)
     # Inference gets its own copy: training donates (and so invalidates) its state.
     self.infer_vars = jax.tree_util.tree_map(jnp.copy, {"params": params, **model_state})
-    self.state = {"params": params, "opt_state": self.tx.init(params), "model_state": model_state}
+    self.state = {"params": params, "model_state": model_state,
+                  "opt_state": jax.jit(self.tx.init, out_shardings=replicated)(params)}
 
     t = time.perf_counter()
     self.fwd_flops = self.train_flops = float("nan")
@@ -341,8 +400,8 @@ def main(args):
 
   n_img = b * args.steps
   flops = {"train": jb.train_flops, "infer": jb.fwd_flops}
-  print(f"\nforward GFLOPs/img (XLA cost analysis): {jb.fwd_flops / 1e9:.2f}   "
-        f"train step GFLOPs/img: {jb.train_flops / 1e9:.2f}   "
+  print(f"\nforward GFLOPs/img (XLA cost analysis): {jb.fwd_flops / 1e9:.4g}   "
+        f"train step GFLOPs/img: {jb.train_flops / 1e9:.4g}   "
         f"(median of {args.repeats} windows x {args.steps} steps)")
   header = (f"{'mode':<6} {'framework':<9} {'img/s':>7} {'min-max':>11} {'cpu-s/img':>9} "
             f"{'TFLOP/s':>7} {'MFU':>6}")
@@ -366,6 +425,9 @@ def main(args):
       print(row)
   if summary:
     print("JAX/timm throughput: " + ", ".join(f"{m} {r:.2f}x" for m, r in summary.items()))
+  import json
+  print(SUMMARY + json.dumps({m: {"jax": n_img / statistics.median(wall[("jax", m)]),
+                                  "ratio": summary.get(m)} for m in modes}))
   if sys.modules.get("tensorflow") is not None:
     raise RuntimeError("TensorFlow got imported")
 

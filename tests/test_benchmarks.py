@@ -80,3 +80,25 @@ def test_gemm_benchmark_prints_every_shape_and_gemm():
   rows = [l.split() for l in r.stdout.splitlines() if l.split()[:1] in (["qkv"], ["proj"],
                                                                          ["fc1"], ["fc2"])]
   assert len(rows) == 12 and all(float(row[-1]) > 0 for row in rows)
+
+
+def test_benchmark_compares_host_device_counts():
+  """--host_devices=1,2: one child process per count (XLA flags are process-wide), the batch
+  split over the CPU devices, the same model FLOPs per image reported by both."""
+  r = subprocess.run([sys.executable, "scripts/benchmark.py", "--model=vit_test_patch4_16",
+                      "--batch_size=8", "--resolution=16", "--steps=1", "--warmup=1",
+                      "--repeats=1", "--host_devices=1,2"], cwd=REPO,
+                     env=subprocess_env(1, XLA_FLAGS=""), capture_output=True, text=True,
+                     timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = r.stdout
+  parts = out.split("===== --host_devices=")
+  assert [p.split("\n", 1)[0] for p in parts[1:]] == ["1", "2"], out[-3000:]
+  assert parts[1].count("CpuDevice") == 1 and parts[2].count("CpuDevice") == 2
+  flops = [re.search(r"forward GFLOPs/img \(XLA cost analysis\): (\S+)", p).group(1)
+           for p in parts[1:]]
+  assert flops[0] == flops[1] and float(flops[0]) > 0, flops
+  rows = re.findall(r"^\s+(\d) (train|infer)\s+\S+\s+(\S+)x", out, re.M)
+  assert [(n, m) for n, m, _ in rows] == [("1", "train"), ("1", "infer"), ("2", "train"),
+                                          ("2", "infer")], out[-1500:]
+  assert rows[0][2] == "1.00"

@@ -161,6 +161,30 @@ def test_two_processes_match_one(tmp_path):
   jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6), p1, p2)
 
 
+def test_cpu_host_device_split_keeps_the_math(tmp_path):
+  """config.cpu_devices=2 (what auto picks on a CPU with >= 2 cores and even batches) runs the
+  step data parallel over two XLA host devices: same losses and parameters as one device."""
+  args = [f"--config={RUNLOCAL}", "--config.total_steps=4", "--config.log_every_steps=1",
+          "--config.plot_curves=False"]
+  runs = {}
+  for n in (1, 2):
+    w = tmp_path / f"d{n}"
+    # No XLA_FLAGS from the test environment: main sets the flags itself.
+    r = main(args + [f"--config.cpu_devices={n}"], w, XLA_FLAGS="")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"on {n} devices (1 processes)" in r.stdout
+    runs[n] = w
+  a, b = metrics(runs[1]), metrics(runs[2])
+  assert [x["step"] for x in a] == [x["step"] for x in b] and len(a) >= 4
+  for x, y in zip(a, b):
+    for k in x:
+      if k.startswith("eval/") or k in ("train/loss", "train/top1"):
+        np.testing.assert_allclose(y[k], x[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  import jax
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6),
+               final_params(runs[1], 4)[0], final_params(runs[2], 4)[0])
+
+
 def test_eval_only_and_init_checkpoint(tmp_path):
   ref = tmp_path / "ref"
   args = [f"--config={RUNLOCAL}", "--config.total_steps=4", "--config.plot_curves=False"]

@@ -38,8 +38,8 @@ def test_auto_leaves_alone_what_is_not_a_plain_cpu_run():
                                    accelerator=False) is None
   assert _env(VISREP_MALLOC="system") is None
   # JAX_PLATFORMS decides whether this is an accelerator run when it is set.
-  assert malloc._accelerator_host({"JAX_PLATFORMS": "cuda"})
-  assert not malloc._accelerator_host({"JAX_PLATFORMS": "cpu"})
+  assert malloc.accelerator_host({"JAX_PLATFORMS": "cuda"})
+  assert not malloc.accelerator_host({"JAX_PLATFORMS": "cpu"})
 
 
 def test_an_explicit_library_path(tmp_path):

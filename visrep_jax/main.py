@@ -61,6 +61,16 @@ def init_distributed():
   jax.distributed.initialize(**kwargs)
 
 
+def set_cpu_flags(config):
+  """On a CPU-only host: the recommended XLA CPU flags and ``config.cpu_devices`` host devices,
+  set before the JAX backend starts (visrep_jax.utils.xla)."""
+  from visrep_jax.utils import malloc as malloc_utils, xla as xla_utils  # no jax import
+  if malloc_utils.accelerator_host(os.environ):
+    return
+  devices = config.get("cpu_devices", 1)
+  xla_utils.set_cpu_flags(devices=devices if isinstance(devices, int) else 1)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
@@ -71,12 +81,13 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     # orbax and friends log every file operation at INFO; our own progress goes to stdout.
     logging.set_verbosity(logging.WARNING)
+  config = FLAGS.config
+  set_cpu_flags(config)
   init_distributed()
   import jax
   from visrep_jax import config_lib, trainers
   from visrep_jax.data import DataError
   from visrep_jax.registry import UnknownNameError
-  config = FLAGS.config
   try:
     config_lib.validate(config, num_devices=jax.device_count())
     trainer = trainers.get(config.trainer)

@@ -229,5 +229,9 @@ def jit_train_step(train_step, state_shardings, batch_sharding, mesh, teacher_sh
 
 
 def jit_eval_step(eval_step, state_shardings, batch_sharding, mesh):
+  """Jits the forward-only ``eval_step``; on CPU with the per-executable options of
+  ``visrep_jax.utils.xla.cpu_compiler_options('infer')`` (empty elsewhere)."""
+  from visrep_jax.utils import xla as xla_utils  # no TensorFlow, no backend start
   repl = sharding_lib.replicated(mesh)
-  return jax.jit(eval_step, in_shardings=(state_shardings, batch_sharding), out_shardings=repl)
+  return jax.jit(eval_step, in_shardings=(state_shardings, batch_sharding), out_shardings=repl,
+                 compiler_options=xla_utils.cpu_compiler_options("infer") or None)

@@ -70,7 +70,9 @@ def preloaded(environ: Mapping[str, str]) -> bool:
   return bool(environ.get("LD_PRELOAD", "").strip())
 
 
-def _accelerator_host(environ: Mapping[str, str]) -> bool:
+def accelerator_host(environ: Mapping[str, str]) -> bool:
+  """Whether JAX will run on a GPU/TPU here: ``JAX_PLATFORMS`` names another platform first,
+  or (unset) an NVIDIA, TPU or ROCm device node exists."""
   platforms = environ.get("JAX_PLATFORMS", "").strip()
   if platforms:
     return platforms.split(",")[0].strip() != "cpu"
@@ -92,7 +94,7 @@ def reexec_environment(environ: Mapping[str, str], platform: str = sys.platform,
   if choice == "auto":
     if preloaded(environ) or environ.get("CONDA_PREFIX"):
       return None
-    if accelerator if accelerator is not None else _accelerator_host(environ):
+    if accelerator if accelerator is not None else accelerator_host(environ):
       return None
     library = find()
     if library is None:
