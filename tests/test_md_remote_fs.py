@@ -257,3 +257,55 @@ def test_local_spec_reading_needs_no_tensorflow(tmp_path):
                        capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.split() == ["toy", "True", "(2,", "2)"]
+
+
+def test_remote_record_indexes_are_cached_across_runs(copies, tmp_path, monkeypatch, caplog):
+  """A remote class file is indexed once per cache directory (local or itself remote); an entry
+  that no longer fits the file is rebuilt; local files and cache_dir='' never touch a cache."""
+  local, remote = copies
+  spec = md.load_dataset_spec(remote + "/toy")
+  expected = md.index_class_records(spec, 0)
+  for cache_dir in (str(tmp_path / "idx"), f"ram://idx_{uuid.uuid4().hex}"):
+    np.testing.assert_array_equal(md.cached_class_index(spec, 0, cache_dir), expected)
+    gfile = tf_host().io.gfile
+    (entry,) = gfile.glob(cache_dir + "/*.npy")
+    # A second run reads the entry instead of the class file's records.
+    with monkeypatch.context() as m:
+      m.setattr(md, "index_class_records", lambda *a: pytest.fail("re-indexed a cached file"))
+      np.testing.assert_array_equal(md.cached_class_index(spec, 0, cache_dir), expected)
+    # An entry that does not fit the file (here: its last record shortened) is rebuilt.
+    bad = expected.copy()
+    bad[-1, 1] -= 1
+    import io
+    buf = io.BytesIO()
+    np.save(buf, bad)
+    with gfile.GFile(entry, "wb") as f:
+      f.write(buf.getvalue())
+    np.testing.assert_array_equal(md.cached_class_index(spec, 0, cache_dir), expected)
+    with gfile.GFile(entry, "rb") as f:
+      np.testing.assert_array_equal(np.load(io.BytesIO(f.read())), expected)
+  # Local class files and a disabled cache: indexed directly, nothing written.
+  local_spec = md.load_dataset_spec(local + "/toy")
+  np.testing.assert_array_equal(md.cached_class_index(local_spec, 0, str(tmp_path / "loc")),
+                                expected)
+  np.testing.assert_array_equal(md.cached_class_index(spec, 0, ""), expected)
+  assert not os.path.exists(tmp_path / "loc")
+  # An unwritable cache directory is reported once and skipped.
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  with caplog.at_level("WARNING"):
+    for _ in range(2):
+      np.testing.assert_array_equal(md.cached_class_index(spec, 1, str(blocker / "idx")),
+                                    md.index_class_records(spec, 1))
+  assert sum("Cannot write the Meta-Dataset record index cache" in r.message
+             for r in caplog.records) == 1
+
+
+def test_episode_sources_use_the_index_cache(copies, tmp_path):
+  _, remote = copies
+  descr = episodes_lib.EpisodeDescriptionConfig.fixed(3, 2, 3)
+  cache_dir = str(tmp_path / "idx")
+  src = ep_lib.open_sources(remote, ["toy"], "train", descr, 12, channels=1,
+                            index_cache_dir=cache_dir)[0]
+  src.sample(seed=1)
+  assert len(os.listdir(cache_dir)) == 3  # one entry per class of the 3-way episode

@@ -169,6 +169,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.episodes.test_best = True      # test the best validation checkpoint (else the last)
   c.episodes.cache_gb = 4.0        # decoded images kept in memory per source (a test source's
                                    # are freed once its episodes are done)
+  # Record indexes of remote (gs://, ...) class files, kept across runs so that a run does not
+  # read whole class files again to index them; may itself be on gs:// (shared by all hosts).
+  # 'auto': ${XDG_CACHE_HOME:-~/.cache}/visrep_jax/md_index; '' disables
+  # (meta_dataset.cached_class_index).
+  c.episodes.index_cache_dir = "auto"
   c.episodes.prepare_mini = False  # build the mini benchmark (data.md_mini) in data_dir if missing
                                    # (the supervised trainer: in dataset.data_dir)
   c.episodes.mini_max_images_per_class = 0  # its cap (0: all images)

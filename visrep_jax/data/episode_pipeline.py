@@ -68,8 +68,10 @@ class _ImageCache:
   with the episode, not with the class files (ILSVRC: ~1300 full-size JPEGs per class).
   """
 
-  def __init__(self, spec, image_size: int, channels: int, max_bytes: int):
+  def __init__(self, spec, image_size: int, channels: int, max_bytes: int,
+               index_cache_dir: str = md.DEFAULT_INDEX_CACHE_DIR):
     self.spec, self.image_size, self.channels = spec, image_size, channels
+    self.index_cache_dir = index_cache_dir
     self.max_bytes = max_bytes
     self._items: "collections.OrderedDict[Tuple[int, int], np.ndarray]" = (
         collections.OrderedDict())
@@ -96,7 +98,7 @@ class _ImageCache:
       with self._lock:
         self._index[class_id] = (cached[0], stamp, now)
       return cached[0]
-    index = md.index_class_records(self.spec, class_id)
+    index = md.cached_class_index(self.spec, class_id, self.index_cache_dir)
     with self._lock:
       if cached is not None:  # the file changed: its decoded images are stale
         for key in [k for k in self._items if k[0] == class_id]:
@@ -170,12 +172,14 @@ class EpisodeSource:
   ``use_hierarchy``: the ImageNet DAG / Omniglot alphabets when the spec has them (the official
   ``use_dag_ontology`` / ``use_bilevel_ontology`` for ILSVRC / Omniglot); the DAG is ignored for
   a fraction ``ignore_hierarchy_probability`` of the episodes (CrossTransformers: 0.5 in
-  training).
+  training). ``index_cache_dir``: where the record indexes of remote class files are kept
+  across runs (:func:`meta_dataset.cached_class_index`; '' to disable).
   """
 
   def __init__(self, path: str, split, descr_config: episodes_lib.EpisodeDescriptionConfig,
                image_size: int, *, channels: int = 3, use_hierarchy: bool = True,
-               ignore_hierarchy_probability: float = 0.0, cache_bytes: int = 4 << 30):
+               ignore_hierarchy_probability: float = 0.0, cache_bytes: int = 4 << 30,
+               index_cache_dir: str = md.DEFAULT_INDEX_CACHE_DIR):
     if not md.path_isdir(path):
       raise EpisodeError(f"Meta-Dataset source directory {path!r} does not exist: convert the "
                          "source first (python -m visrep_jax.data.md_convert, or "
@@ -204,7 +208,7 @@ class EpisodeSource:
     self.shapes = EpisodeShapes(ways, support, query)
     self.image_size = image_size
     self.channels = channels
-    self._cache = _ImageCache(self.spec, image_size, channels, cache_bytes)
+    self._cache = _ImageCache(self.spec, image_size, channels, cache_bytes, index_cache_dir)
 
   def release_cache(self):
     """Frees the decoded images kept for this source (e.g. once its test episodes are done)."""

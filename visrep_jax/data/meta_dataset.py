@@ -59,8 +59,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
+import hashlib
+import io
 import json
+import logging
 import os
+import uuid
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -968,6 +972,95 @@ def index_class_records(spec: AnySpec, class_id: int) -> np.ndarray:
     raise DataError(f"{path} holds {len(rows)} records but {SPEC_FILENAME} says {expected}: "
                     "the conversion did not finish; re-run it.")
   return np.asarray(rows, np.int64).reshape(-1, 2)
+
+
+DEFAULT_INDEX_CACHE_DIR = "auto"  # ${XDG_CACHE_HOME:-~/.cache}/visrep_jax/md_index
+_index_cache_warned = set()
+
+
+def resolve_index_cache_dir(cache_dir: str) -> str:
+  """'auto' -> ``${XDG_CACHE_HOME:-~/.cache}/visrep_jax/md_index``; '~' expanded locally."""
+  if cache_dir == "auto":
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "visrep_jax", "md_index")
+  return cache_dir if is_remote_path(cache_dir) else os.path.expanduser(cache_dir)
+
+
+def cached_class_index(spec: AnySpec, class_id: int, cache_dir: str = DEFAULT_INDEX_CACHE_DIR
+                       ) -> np.ndarray:
+  """:func:`index_class_records`, kept across runs in ``cache_dir`` for remote class files.
+
+  Indexing a class file on an object store reads about the whole file (the GFile read-ahead),
+  so every process of every run would read the whole source at its first episodes. The index is
+  stored as ``<cache_dir>/<sha1(path, size, mtime)>.npy`` (``cache_dir='auto'``:
+  ``${XDG_CACHE_HOME:-~/.cache}/visrep_jax/md_index``; or a gs:// directory that all hosts share) and used again only if it still fits the file: the record count of
+  ``dataset_spec.json``, the last record ending at the file's size, and the last record's
+  length header read back from the file. Local class files are indexed directly (header reads
+  only, fast). ``cache_dir=''`` disables the cache; a cache that cannot be written is reported
+  once and skipped.
+  """
+  path = class_record_path(spec, class_id)
+  if not cache_dir or not is_remote_path(path):
+    return index_class_records(spec, class_id)
+  stamp = file_stamp(path)
+  if stamp is None:
+    return index_class_records(spec, class_id)  # reports the missing file
+  cache_dir = resolve_index_cache_dir(cache_dir)
+  key = hashlib.sha1(f"{path}\0{stamp[0]}\0{stamp[1]}".encode()).hexdigest()
+  cache_path = os.path.join(cache_dir, key + ".npy")
+  index = _load_cached_index(cache_path, path, stamp[0], num_class_records(spec, class_id))
+  if index is None:
+    index = index_class_records(spec, class_id)
+    _save_cached_index(cache_dir, cache_path, index)
+  return index
+
+
+def _load_cached_index(cache_path: str, path: str, size: int, expected: int
+                       ) -> Optional[np.ndarray]:
+  try:
+    if not path_exists(cache_path):
+      return None
+    with open_file(cache_path, "rb") as f:
+      index = np.load(io.BytesIO(f.read()), allow_pickle=False)
+    if (index.dtype != np.int64 or index.shape != (expected, 2) or expected == 0
+        or index[0, 0] != 0 or np.any(np.diff(index[:, 0]) <= 0)):
+      return None
+    last_offset, last_length = (int(v) for v in index[-1])
+    if last_offset + _HEADER + last_length + _FOOTER != size:
+      return None
+    with open_file(path, "rb") as f:
+      f.seek(last_offset)
+      header = f.read(_HEADER)
+    if len(header) < _HEADER or int.from_bytes(header[:8], "little") != last_length:
+      return None
+    return index
+  except Exception:  # pylint: disable=broad-except  (a bad cache entry is only a miss)
+    return None
+
+
+def _save_cached_index(cache_dir: str, cache_path: str, index: np.ndarray):
+  buf = io.BytesIO()
+  np.save(buf, index, allow_pickle=False)
+  tmp = f"{cache_path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+  try:
+    if is_remote_path(cache_dir):
+      gfile = tf_host().io.gfile
+      gfile.makedirs(cache_dir)
+      with gfile.GFile(tmp, "wb") as f:
+        f.write(buf.getvalue())
+      gfile.rename(tmp, cache_path, overwrite=True)
+    else:
+      os.makedirs(cache_dir, exist_ok=True)
+      with open(tmp, "wb") as f:
+        f.write(buf.getvalue())
+      os.replace(tmp, cache_path)
+  except Exception as e:  # pylint: disable=broad-except  (the cache is an optimisation)
+    if cache_dir not in _index_cache_warned:
+      _index_cache_warned.add(cache_dir)
+      logging.warning("Cannot write the Meta-Dataset record index cache in %s (%s); remote class "
+                      "files will be indexed again next run. Set config.episodes."
+                      "index_cache_dir to a writable directory, or '' to silence this.",
+                      cache_dir, e)
 
 
 def _random_record_reader(path: str):

@@ -177,7 +177,8 @@ def build(config: ml_collections.ConfigDict, devices=None, shapes: Optional[Any]
     md_mini.build_mini_benchmark(e.data_dir, e.mini_max_images_per_class or None)
   dc = descr_config(e)
   size = e.image_size
-  common_kw = dict(channels=e.channels, cache_bytes=int(e.cache_gb * (1 << 30)))
+  common_kw = dict(channels=e.channels, cache_bytes=int(e.cache_gb * (1 << 30)),
+                   index_cache_dir=e.index_cache_dir)
   train_sources = ep_lib.open_sources(
       e.data_dir, e.train_sources, "train", dc, size, use_hierarchy=True,
       ignore_hierarchy_probability=e.ignore_hierarchy_probability, **common_kw)
@@ -384,7 +385,8 @@ def _open_eval_sources(config, split: str, names, shapes) -> List[ep_lib.Episode
     src = ep_lib.EpisodeSource(os.path.join(e.data_dir, n), split, dc, e.image_size,
                                channels=e.channels, use_hierarchy=True,
                                ignore_hierarchy_probability=0.0,
-                               cache_bytes=int(e.cache_gb * (1 << 30)))
+                               cache_bytes=int(e.cache_gb * (1 << 30)),
+                               index_cache_dir=e.index_cache_dir)
     if (src.shapes.ways > shapes.ways or src.shapes.support > shapes.support
         or src.shapes.query > shapes.query):
       raise config_lib.ConfigError(
