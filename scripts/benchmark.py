@@ -59,7 +59,7 @@ def parse_args(argv=None):
   p.add_argument("--no-infer", dest="infer", action="store_false")
   p.add_argument("--no-cpu-flags", dest="cpu_flags", action="store_false",
                  help="do not apply visrep_jax.utils.xla.set_cpu_flags() (for comparison)")
-  p.add_argument("--host_devices", default="1",
+  p.add_argument("--host_devices", "--host-devices", default="1",
                  help="CPU only: XLA host devices the batch is split over, data parallel in this "
                       "process (config.cpu_devices of python -m visrep_jax.main; see "
                       "visrep_jax.utils.xla.set_cpu_flags). A list (e.g. 1,2) runs the benchmark "
@@ -80,7 +80,7 @@ def parse_args(argv=None):
       raise ValueError
   except ValueError:
     p.error(f"--host_devices={args.host_devices!r}: give integers >= 1, e.g. 2 or 1,2")
-  args.host_devices = args.host_devices_list[0]
+  args.host_devices_str, args.host_devices = args.host_devices, args.host_devices_list[0]
   return args
 
 
@@ -92,7 +92,17 @@ def compare_host_devices(args, argv):
   child's output, then its JAX figures against the first value's and against timm's."""
   import json
   import subprocess
-  rest = [a for a in argv if not a.startswith("--host_devices")]
+  if xla_utils.HOST_DEVICE_FLAG in os.environ.get("XLA_FLAGS", ""):
+    raise SystemExit(f"--host_devices={args.host_devices_str}: XLA_FLAGS already sets "
+                     f"{xla_utils.HOST_DEVICE_FLAG}, which would override every count; unset it.")
+  rest, skip = [], False
+  for a in argv:
+    if skip:
+      skip = False
+    elif a in ("--host_devices", "--host-devices"):
+      skip = True  # its value is the next argument
+    elif not a.startswith(("--host_devices=", "--host-devices=")):
+      rest.append(a)
   results = {}
   for n in args.host_devices_list:
     print(f"===== --host_devices={n}", flush=True)
@@ -137,7 +147,7 @@ from visrep_jax import models  # noqa: E402
 # JAX
 # ---------------------------------------------------------------------------------------------
 
-def make_jax_train_step(model, tx):
+def make_jax_train_step(model, tx, state_sharding=None, batch_sharding=None):
   """Returns ``step(state, images, labels, rng) -> (state, loss)``, jitted, state donated.
 
   ``state`` is ``{'params', 'opt_state', 'model_state'}`` (``model_state``: e.g. BatchNorm
@@ -164,21 +174,26 @@ def make_jax_train_step(model, tx):
     return {"params": params, "opt_state": opt_state, "model_state": dict(model_state)}, loss
 
   # Donating the state lets XLA update parameters and Adam moments in place: no second copy of
-  # ~3x the parameter bytes per step.
-  return jax.jit(step, donate_argnums=(0,))
+  # ~3x the parameter bytes per step. Explicit shardings (state replicated, batch split) keep
+  # the output state's layout that of the input, so each step's output feeds the next.
+  if state_sharding is None:
+    return jax.jit(step, donate_argnums=(0,))
+  return jax.jit(step, donate_argnums=(0,),
+                 in_shardings=(state_sharding, batch_sharding, batch_sharding, state_sharding),
+                 out_shardings=(state_sharding, state_sharding))
 
 
 def make_jax_infer(model):
   return jax.jit(lambda variables, images: model.apply(variables, images, train=False)[0])
 
 
-def cost_flops(compiled) -> float:
+def cost_flops(compiled, n_devices: int) -> float:
   """FLOPs of one call of ``compiled`` over all devices: XLA's cost analysis of an SPMD
   executable counts one device's share (the batch is split evenly over the devices here)."""
   ca = compiled.cost_analysis()
   if isinstance(ca, (list, tuple)):  # older jax returned one dict per computation
     ca = ca[0] if ca else {}
-  return float((ca or {}).get("flops", float("nan"))) * jax.device_count()
+  return float((ca or {}).get("flops", float("nan"))) * n_devices
 
 
 def measure_matmul_peak(dtype=jnp.float32, n: int = 4096, iters: int = 5) -> float:
@@ -213,11 +228,16 @@ class JaxBench:
     rng = np.random.RandomState(0)
     # Several devices (CPU host devices, see --host_devices): the batch is split over them and
     # the state replicated, as the framework's trainer does with its default data-parallel mesh.
-    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    # Off CPU: one accelerator, as timm gets (and as the measured matmul peak is).
+    n_dev = args.host_devices if jax.default_backend() == "cpu" else 1
+    if len(jax.devices()) < n_dev:
+      raise SystemExit(f"--host_devices={n_dev}, but JAX sees {len(jax.devices())} devices")
+    self.devices = jax.devices()[:n_dev]
+    mesh = jax.sharding.Mesh(np.array(self.devices), ("data",))
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    if b % jax.device_count():
-      raise SystemExit(f"--batch_size={b} is not divisible by the {jax.device_count()} devices")
+    if b % n_dev:
+      raise SystemExit(f"--batch_size={b} is not divisible by the {n_dev} devices")
     self.images = jax.device_put(rng.randn(b, res, res, 3).astype(np.float32), batch_sharding)
     n_cls = max(getattr(self.model, "num_classes", 1000), 1)
     self.labels = jax.device_put(rng.randint(0, n_cls, size=(b,)).astype(np.int32),
@@ -242,12 +262,12 @@ class JaxBench:
       opts = xla_utils.cpu_compiler_options("infer") if args.cpu_flags else {}
       infer_c = self.infer_fn.lower(self.infer_vars, self.images).compile(
           compiler_options=opts or None)
-      self.fwd_flops = cost_flops(infer_c) / b
+      self.fwd_flops = cost_flops(infer_c, n_dev) / b
       self.infer_fn = infer_c
     if args.train:  # compiling the train step is most of the start-up of a large model
-      self.train_fn = make_jax_train_step(self.model, self.tx)
+      self.train_fn = make_jax_train_step(self.model, self.tx, replicated, batch_sharding)
       train_c = self.train_fn.lower(self.state, self.images, self.labels, self.rng).compile()
-      self.train_flops = cost_flops(train_c) / b
+      self.train_flops = cost_flops(train_c, n_dev) / b
       self.train_fn = train_c
     self.compile_s = time.perf_counter() - t
 

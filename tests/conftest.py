@@ -7,10 +7,13 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Caches the code keeps across runs (e.g. Meta-Dataset record indexes) go to a throwaway place.
-if "XDG_CACHE_HOME" not in os.environ:
-  import tempfile
-  os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="visrep_test_cache_")
+# Caches the code keeps across runs (e.g. Meta-Dataset record indexes) go to a throwaway place,
+# never the user's own cache.
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="visrep_test_cache_")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
 
 # torch (the [torch] extra) must be imported before TensorFlow: importing torch/timm into a
 # process that already loaded TensorFlow crashes it (clashing bundled native libraries).

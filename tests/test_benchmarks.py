@@ -87,7 +87,7 @@ def test_benchmark_compares_host_device_counts():
   split over the CPU devices, the same model FLOPs per image reported by both."""
   r = subprocess.run([sys.executable, "scripts/benchmark.py", "--model=vit_test_patch4_16",
                       "--batch_size=8", "--resolution=16", "--steps=1", "--warmup=1",
-                      "--repeats=1", "--host_devices=1,2"], cwd=REPO,
+                      "--repeats=1", "--host_devices", "1,2"], cwd=REPO,
                      env=subprocess_env(1, XLA_FLAGS=""), capture_output=True, text=True,
                      timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]

@@ -162,8 +162,8 @@ def test_two_processes_match_one(tmp_path):
 
 
 def test_cpu_host_device_split_keeps_the_math(tmp_path):
-  """config.cpu_devices=2 (what auto picks on a CPU with >= 2 cores and even batches) runs the
-  step data parallel over two XLA host devices: same losses and parameters as one device."""
+  """config.cpu_devices=2 runs the step data parallel over two XLA host devices: the same
+  losses and parameters as one device."""
   args = [f"--config={RUNLOCAL}", "--config.total_steps=4", "--config.log_every_steps=1",
           "--config.plot_curves=False"]
   runs = {}

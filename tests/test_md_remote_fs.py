@@ -273,17 +273,20 @@ def test_remote_record_indexes_are_cached_across_runs(copies, tmp_path, monkeypa
     with monkeypatch.context() as m:
       m.setattr(md, "index_class_records", lambda *a: pytest.fail("re-indexed a cached file"))
       np.testing.assert_array_equal(md.cached_class_index(spec, 0, cache_dir), expected)
-    # An entry that does not fit the file (here: its last record shortened) is rebuilt.
-    bad = expected.copy()
-    bad[-1, 1] -= 1
+    # An entry that does not fit the file (its last record shortened, or a record in the middle
+    # moved) is rebuilt.
     import io
-    buf = io.BytesIO()
-    np.save(buf, bad)
-    with gfile.GFile(entry, "wb") as f:
-      f.write(buf.getvalue())
-    np.testing.assert_array_equal(md.cached_class_index(spec, 0, cache_dir), expected)
-    with gfile.GFile(entry, "rb") as f:
-      np.testing.assert_array_equal(np.load(io.BytesIO(f.read())), expected)
+    for row, col in ((-1, 1), (3, 0)):
+      bad = expected.copy()
+      bad[row, col] -= 1
+      buf = io.BytesIO()
+      np.save(buf, bad)
+      with gfile.GFile(entry, "wb") as f:
+        f.write(buf.getvalue())
+      np.testing.assert_array_equal(md.cached_class_index(spec, 0, cache_dir), expected)
+      with gfile.GFile(entry, "rb") as f:
+        np.testing.assert_array_equal(np.load(io.BytesIO(f.read())), expected)
+    assert gfile.glob(cache_dir + "/*") == [entry]  # no temporary files left behind
   # Local class files and a disabled cache: indexed directly, nothing written.
   local_spec = md.load_dataset_spec(local + "/toy")
   np.testing.assert_array_equal(md.cached_class_index(local_spec, 0, str(tmp_path / "loc")),

@@ -65,10 +65,17 @@ def set_cpu_flags(config):
   """On a CPU-only host: the recommended XLA CPU flags and ``config.cpu_devices`` host devices,
   set before the JAX backend starts (visrep_jax.utils.xla)."""
   from visrep_jax.utils import malloc as malloc_utils, xla as xla_utils  # no jax import
-  if malloc_utils.accelerator_host(os.environ):
-    return
   devices = config.get("cpu_devices", 1)
-  xla_utils.set_cpu_flags(devices=devices if isinstance(devices, int) else 1)
+  devices = devices if isinstance(devices, int) else 1  # validate() reports a bad value
+  if malloc_utils.accelerator_host(os.environ):
+    if devices > 1:
+      logging.warning("config.cpu_devices=%d is ignored: this host runs JAX on an accelerator.",
+                      devices)
+    return
+  if devices > 1 and xla_utils.HOST_DEVICE_FLAG in os.environ.get("XLA_FLAGS", ""):
+    logging.warning("config.cpu_devices=%d is ignored: XLA_FLAGS already sets %s.", devices,
+                    xla_utils.HOST_DEVICE_FLAG)
+  xla_utils.set_cpu_flags(devices=devices)
 
 
 def main(argv):

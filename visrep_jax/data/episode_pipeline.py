@@ -98,7 +98,7 @@ class _ImageCache:
       with self._lock:
         self._index[class_id] = (cached[0], stamp, now)
       return cached[0]
-    index = md.cached_class_index(self.spec, class_id, self.index_cache_dir)
+    index = md.cached_class_index(self.spec, class_id, self.index_cache_dir, stamp)
     with self._lock:
       if cached is not None:  # the file changed: its decoded images are stale
         for key in [k for k in self._items if k[0] == class_id]:

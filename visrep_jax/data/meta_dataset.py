@@ -986,8 +986,8 @@ def resolve_index_cache_dir(cache_dir: str) -> str:
   return cache_dir if is_remote_path(cache_dir) else os.path.expanduser(cache_dir)
 
 
-def cached_class_index(spec: AnySpec, class_id: int, cache_dir: str = DEFAULT_INDEX_CACHE_DIR
-                       ) -> np.ndarray:
+def cached_class_index(spec: AnySpec, class_id: int, cache_dir: str = DEFAULT_INDEX_CACHE_DIR,
+                       stamp: Optional[Tuple[int, int]] = None) -> np.ndarray:
   """:func:`index_class_records`, kept across runs in ``cache_dir`` for remote class files.
 
   Indexing a class file on an object store reads about the whole file (the GFile read-ahead),
@@ -997,12 +997,13 @@ def cached_class_index(spec: AnySpec, class_id: int, cache_dir: str = DEFAULT_IN
   ``dataset_spec.json``, the last record ending at the file's size, and the last record's
   length header read back from the file. Local class files are indexed directly (header reads
   only, fast). ``cache_dir=''`` disables the cache; a cache that cannot be written is reported
-  once and skipped.
+  once and skipped. ``stamp``: the file's :func:`file_stamp` if the caller has it (saves a
+  round trip).
   """
   path = class_record_path(spec, class_id)
   if not cache_dir or not is_remote_path(path):
     return index_class_records(spec, class_id)
-  stamp = file_stamp(path)
+  stamp = stamp or file_stamp(path)
   if stamp is None:
     return index_class_records(spec, class_id)  # reports the missing file
   cache_dir = resolve_index_cache_dir(cache_dir)
@@ -1023,8 +1024,9 @@ def _load_cached_index(cache_path: str, path: str, size: int, expected: int
     with open_file(cache_path, "rb") as f:
       index = np.load(io.BytesIO(f.read()), allow_pickle=False)
     if (index.dtype != np.int64 or index.shape != (expected, 2) or expected == 0
-        or index[0, 0] != 0 or np.any(np.diff(index[:, 0]) <= 0)):
-      return None
+        or index[0, 0] != 0 or np.any(index[:, 1] < 0)
+        or np.any(index[1:, 0] != index[:-1, 0] + _HEADER + index[:-1, 1] + _FOOTER)):
+      return None  # every record must start where the previous one ends
     last_offset, last_length = (int(v) for v in index[-1])
     if last_offset + _HEADER + last_length + _FOOTER != size:
       return None
@@ -1042,18 +1044,27 @@ def _save_cached_index(cache_dir: str, cache_path: str, index: np.ndarray):
   buf = io.BytesIO()
   np.save(buf, index, allow_pickle=False)
   tmp = f"{cache_path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+  remote = is_remote_path(cache_dir)
   try:
-    if is_remote_path(cache_dir):
+    if remote:
       gfile = tf_host().io.gfile
       gfile.makedirs(cache_dir)
-      with gfile.GFile(tmp, "wb") as f:
-        f.write(buf.getvalue())
-      gfile.rename(tmp, cache_path, overwrite=True)
+      try:
+        with gfile.GFile(tmp, "wb") as f:
+          f.write(buf.getvalue())
+        gfile.rename(tmp, cache_path, overwrite=True)
+      finally:
+        if gfile.exists(tmp):  # a failed rename leaves no partial entry behind
+          gfile.remove(tmp)
     else:
       os.makedirs(cache_dir, exist_ok=True)
-      with open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-      os.replace(tmp, cache_path)
+      try:
+        with open(tmp, "wb") as f:
+          f.write(buf.getvalue())
+        os.replace(tmp, cache_path)
+      finally:
+        if os.path.exists(tmp):
+          os.remove(tmp)
   except Exception as e:  # pylint: disable=broad-except  (the cache is an optimisation)
     if cache_dir not in _index_cache_warned:
       _index_cache_warned.add(cache_dir)

@@ -116,7 +116,7 @@ def set_cpu_flags(extra: Optional[Dict[str, str]] = None, override: bool = False
 
   ``devices > 1`` also splits the CPU into that many XLA host devices (config key
   ``cpu_devices`` of ``python -m visrep_jax.main``), unless ``$XLA_FLAGS`` already sets a device
-  count. A jitted step over a batch sharded on them computes the same global-batch loss,
+  count (JAX's own ``JAX_NUM_CPU_DEVICES`` / ``jax_num_cpu_devices``, when set, wins over both). A jitted step over a batch sharded on them computes the same global-batch loss,
   BatchNorm statistics and gradients; the executions of the devices share the intra-op thread
   pool and fill each other's serial stretches, at the cost of a gradient all-reduce and a sync
   per step. Measured with jaxlib 0.10.2 on 2 cores (tcmalloc): DeiT-S/16 at 224px, batch 32,
