@@ -67,14 +67,6 @@ print("RESULT " + json.dumps({{"allocator": malloc.active_allocator(), "rows": r
 """
 
 
-def _find(name: str):
-  for d in malloc.SEARCH_DIRS:
-    path = os.path.join(d, name)
-    if os.path.isfile(path):
-      return path
-  return None
-
-
 def allocator_env(name: str):
   """(environment, None) for the child, or (None, why it is skipped)."""
   env = {k: v for k, v in os.environ.items()
@@ -92,7 +84,7 @@ def allocator_env(name: str):
     env.update(malloc.TCMALLOC_DEFAULTS, LD_PRELOAD=lib)
     return env, None
   if name == "jemalloc":
-    lib = _find("libjemalloc.so.2")
+    lib = malloc.find_library(["libjemalloc.so.2"])
     if lib is None:
       return None, "not installed (apt-get install libjemalloc2)"
     env["LD_PRELOAD"] = lib

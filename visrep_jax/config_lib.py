@@ -210,8 +210,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = (("data", -1), ("fsdp", 1))  # (axis, size); -1 fills the remaining devices
   c.sharding = "replicate"         # parameter/optimizer-state rule: replicate | fsdp
   # CPU-only runs of `python -m visrep_jax.main`: XLA host devices the process splits into, the
-  # batch data parallel over them (same math). 2 trains DeiT-S at 224px 2-5% faster on a 2-core
-  # CPU but the small 28px models 4-20% slower (visrep_jax.utils.xla.set_cpu_flags). Ignored on
+  # batch data parallel over them (same math). 2 trains DeiT-S at 224px ~2% faster on a 2-core
+  # CPU but the small 28px models 2-17% slower (visrep_jax.utils.xla.set_cpu_flags). Ignored on
   # GPU/TPU hosts and when XLA_FLAGS already sets xla_force_host_platform_device_count.
   c.cpu_devices = 1
   return c

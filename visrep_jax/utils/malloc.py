@@ -54,14 +54,19 @@ class MallocError(ValueError):
   pass
 
 
-def find_tcmalloc(dirs: Sequence[str] = SEARCH_DIRS) -> Optional[str]:
-  """Path of an installed tcmalloc library, or None."""
+def find_library(names: Sequence[str], dirs: Sequence[str] = SEARCH_DIRS) -> Optional[str]:
+  """Path of the first of ``names`` installed in ``dirs``, or None."""
   for d in dirs:
-    for name in LIBRARIES:
+    for name in names:
       path = os.path.join(d, name)
       if os.path.isfile(path):
         return path
   return None
+
+
+def find_tcmalloc(dirs: Sequence[str] = SEARCH_DIRS) -> Optional[str]:
+  """Path of an installed tcmalloc library, or None."""
+  return find_library(LIBRARIES, dirs)
 
 
 def preloaded(environ: Mapping[str, str]) -> bool:

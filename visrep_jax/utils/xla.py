@@ -119,10 +119,11 @@ def set_cpu_flags(extra: Optional[Dict[str, str]] = None, override: bool = False
   count (JAX's own ``JAX_NUM_CPU_DEVICES`` / ``jax_num_cpu_devices``, when set, wins over both). A jitted step over a batch sharded on them computes the same global-batch loss,
   BatchNorm statistics and gradients; the executions of the devices share the intra-op thread
   pool and fill each other's serial stretches, at the cost of a gradient all-reduce and a sync
-  per step. Measured with jaxlib 0.10.2 on 2 cores (tcmalloc): DeiT-S/16 at 224px, batch 32,
-  2 devices train 1.02x-1.05x as fast as 1 (``scripts/benchmark.py --host_devices=1,2``); the
-  small Fashion-MNIST models are slower on 2 (demo ViT ~0.96x, ResNet-18 at 28px ~0.8x), so
-  1 is the default.
+  per step. ``scripts/benchmark.py --host_devices=1,2`` (jaxlib 0.10.2, 2 cores, tcmalloc,
+  training images/s of 2 devices vs 1 in the same run): DeiT-S/16 224px batch 32 1.02x; the
+  small Fashion-MNIST-sized models are slower (``--model=deit3_demo_patch7_28 --resolution=28
+  --batch_size=64 --steps=20``: 0.98x; ``--model=resnet18 --resolution=28 --batch_size=128
+  --steps=20``: 0.83x), so 1 is the default.
   Harmless on GPU/TPU hosts: the flags only affect the XLA CPU compiler and CPU platform.
   """
   if _backend_initialized():
