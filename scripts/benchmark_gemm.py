@@ -1,7 +1,10 @@
 #!/usr/bin/env python
 """The float32 GEMMs of one DeiT-S block's linear layers, JAX (XLA CPU) against PyTorch, timed
 interleaved in one process: forward (x @ W), input gradient (dy @ W^T) and weight gradient
-(x^T @ dy, contracting over batch x tokens), for the qkv, proj, fc1 and fc2 shapes.
+(x^T @ dy, contracting over batch x tokens), for the qkv, proj, fc1 and fc2 shapes; then each
+layer's whole backward (both gradients) for an incoming gradient scaled per feature (as in a
+LayerScale block): 'bwd-ad' is JAX's autodiff of lax.dot_general, 'bwd' the models' Dense
+contraction with its hand-written VJP (visrep_jax.models.layers.dense_dot_general).
 
   python scripts/benchmark_gemm.py [--batch=32] [--tokens=197] [--repeats=3]
 
@@ -26,6 +29,8 @@ xla_utils.set_cpu_flags()
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
+from visrep_jax.models import layers  # noqa: E402
 
 SHAPES = {"qkv": (384, 1152), "proj": (384, 384), "fc1": (384, 1536), "fc2": (1536, 384)}
 
@@ -59,17 +64,34 @@ def main():
     dy = rng.standard_normal((m, n), np.float32)
     jx, jw, jdy = jnp.asarray(x), jnp.asarray(w), jnp.asarray(dy)
     tx, tw, tdy = torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(dy)
+    gamma = rng.uniform(0.5, 2.0, (n,)).astype(np.float32)
+    jgamma, tgamma = jnp.asarray(gamma), torch.from_numpy(gamma)
+    dims = (((1,), (0,)), ((), ()))
+
+    def dense_backward(dot):
+      # A Dense layer's whole backward (input and kernel gradients) for an incoming gradient
+      # that is itself computed (scaled per feature, as by LayerScale or a bias/GELU backward).
+      return jax.jit(lambda a, b, g, s: jax.vjp(lambda u, v: dot(u, v, dims), a, b)[1](g * s))
+
+    def torch_backward():
+      g = tdy * tgamma
+      return g @ tw.t(), tx.t() @ g
+
     cases = {
         "fwd": (jax.jit(lambda a, b: a @ b), (jx, jw), lambda: tx @ tw),
         "dinput": (jax.jit(lambda a, b: a @ b.T), (jdy, jw), lambda: tdy @ tw.t()),
         "dweight": (jax.jit(lambda a, b: a.T @ b), (jx, jdy), lambda: tx.t() @ tdy),
+        # Both gradients of the layer: JAX's autodiff of lax.dot_general, then the models'
+        # nn.Dense contraction (visrep_jax.models.layers.dense_dot_general).
+        "bwd-ad": (dense_backward(jax.lax.dot_general), (jx, jw, jdy, jgamma), torch_backward),
+        "bwd": (dense_backward(layers.dense_dot_general), (jx, jw, jdy, jgamma), torch_backward),
     }
     for gemm, (jf, jargs, tf) in cases.items():
-      jf(*jargs).block_until_ready()
+      jax.block_until_ready(jf(*jargs))
       tf()
       jt, tt = [], []
       for _ in range(args.repeats):
-        jt.append(median_ms(lambda: jf(*jargs).block_until_ready(), args.iters))
+        jt.append(median_ms(lambda: jax.block_until_ready(jf(*jargs)), args.iters))
         tt.append(median_ms(tf, args.iters))
       j, t = statistics.median(jt), statistics.median(tt)
       print(f"{name:<5} {gemm:<6} {j:8.1f} {t:9.1f} {t / j:9.2f}", flush=True)

@@ -79,7 +79,8 @@ def test_gemm_benchmark_prints_every_shape_and_gemm():
   assert r.returncode == 0, r.stderr[-3000:]
   rows = [l.split() for l in r.stdout.splitlines() if l.split()[:1] in (["qkv"], ["proj"],
                                                                          ["fc1"], ["fc2"])]
-  assert len(rows) == 12 and all(float(row[-1]) > 0 for row in rows)
+  assert len(rows) == 20 and all(float(row[-1]) > 0 for row in rows)
+  assert {row[1] for row in rows} == {"fwd", "dinput", "dweight", "bwd-ad", "bwd"}
 
 
 def test_benchmark_compares_host_device_counts():

@@ -110,3 +110,68 @@ def test_demo_model_takes_grayscale():
   model = models.create("deit3_demo_patch7_28")
   variables, x = init(model, 28, channels=1)
   assert model.apply(variables, x)[0].shape == (2, 10)
+
+
+@pytest.mark.parametrize("shape,dtype,tol", [((6, 5), jnp.float32, 1e-6),
+                                             ((3, 7, 5), jnp.float32, 1e-6),
+                                             ((2, 3, 4, 5), jnp.float32, 1e-6),
+                                             ((3, 7, 5), jnp.bfloat16, 2e-2)])
+def test_dense_dot_general_matches_autodiff(shape, dtype, tol):
+  """The Dense contraction with the hand-written VJP: same value, input gradient and kernel
+  gradient (and dtypes) as lax.dot_general under autodiff, for inputs of any rank."""
+  from visrep_jax.models import layers
+  kx, kw, kg = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.random.normal(kx, shape).astype(dtype)
+  w = jax.random.normal(kw, (shape[-1], 4)).astype(dtype)
+  g = jax.random.normal(kg, shape[:-1] + (4,)).astype(dtype)
+  dims = (((x.ndim - 1,), (0,)), ((), ()))
+  scale = jnp.linspace(0.5, 2.0, 4).astype(dtype)  # the cotangent is a fusion, as in a block
+
+  def run(dot):
+    y, vjp = jax.vjp(lambda a, b: dot(a, b, dims), x, w)
+    return (y, *vjp(g * scale))
+
+  got = jax.jit(lambda: run(layers.dense_dot_general))()
+  ref = jax.jit(lambda: run(jax.lax.dot_general))()
+  for a, b in zip(got, ref):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               atol=tol, rtol=tol)
+  # Other contractions are plain lax.dot_general (and still differentiable).
+  other = (((0,), (0,)), ((), ()))
+  a2 = jax.random.normal(kx, (5, 3))
+  np.testing.assert_array_equal(layers.dense_dot_general(a2, a2, other),
+                                jax.lax.dot_general(a2, a2, other))
+
+
+def test_dense_backward_does_not_transpose_the_incoming_gradient(monkeypatch):
+  """Why dense_dot_general exists: under autodiff XLA CPU materialises the (scaled) incoming
+  gradient transposed, (n, m), to form the kernel gradient; with it the kernel gradient reads
+  the gradient in place. Checked on the optimised HLO of a LayerScale-like backward."""
+  from visrep_jax.models import layers
+  m, k, n = 96, 40, 56
+  x, g = jnp.ones((4, m // 4, k)), jnp.ones((4, m // 4, n))
+  w, gamma = jnp.ones((k, n)), jnp.ones((n,))
+  dims = (((2,), (0,)), ((), ()))
+
+  def hlo(dot):
+    f = lambda x, g, w, gamma: jax.vjp(lambda a, b: dot(a, b, dims), x, w)[1](g * gamma)
+    text = jax.jit(f).lower(x, g, w, gamma).compile().as_text()
+    return text[text.index("ENTRY"):]
+
+  if jax.default_backend() != "cpu":
+    pytest.skip("an XLA CPU layout property")
+  transposed_gradient = f"f32[{n},{m}]"
+  assert transposed_gradient in hlo(jax.lax.dot_general)  # the autodiff layout this avoids
+  assert transposed_gradient not in hlo(layers.dense_dot_general)
+  assert layers.dense_kwargs() == {"dot_general": layers.dense_dot_general}
+  # A model's Dense layers give the same parameters' gradients either way.
+  model = models.create("vit_test_patch4_16")
+  images = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
+  variables = model.init(jax.random.PRNGKey(2), images)
+  loss = lambda p: model.apply({"params": p}, images)[0].sum()
+  got = jax.grad(loss)(variables["params"])
+  monkeypatch.setattr(layers, "dense_kwargs", lambda: {})
+  ref = jax.grad(loss)(variables["params"])
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5),
+                         got, ref)

@@ -134,7 +134,7 @@ class TalkingHeadAttention(nn.Module):
       raise ValueError(f"embed dim {d} is not divisible by num_heads {self.num_heads}")
     dense = lambda f, name, bias=True: nn.Dense(
         f, use_bias=bias, dtype=self.dtype, kernel_init=self.kernel_init,
-        bias_init=nn.initializers.zeros, name=name)
+        bias_init=nn.initializers.zeros, name=name, **layers.dense_kwargs())
     qkv = dense(3 * d, "qkv", self.qkv_bias)(x)
     dropout_fn = None
     if self.attn_dropout > 0.0 and not deterministic:
@@ -162,7 +162,7 @@ class ClassAttention(nn.Module):
     hd = d // h
     dense = lambda name, bias=True: nn.Dense(
         d, use_bias=bias, dtype=self.dtype, kernel_init=self.kernel_init,
-        bias_init=nn.initializers.zeros, name=name)
+        bias_init=nn.initializers.zeros, name=name, **layers.dense_kwargs())
     q = dense("q", self.qkv_bias)(u[:, :1]).reshape(b, h, hd) * jnp.asarray(hd ** -0.5, u.dtype)
     k = dense("k", self.qkv_bias)(u).reshape(b, n, h, hd)
     v = dense("v", self.qkv_bias)(u).reshape(b, n, h, hd)

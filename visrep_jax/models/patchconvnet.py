@@ -61,7 +61,7 @@ class Conv1x1(nn.Module):
     kernel = self.param("kernel", layers.torch_conv_kernel_init(), (1, 1, cin, self.features),
                         jnp.float32)
     bias = self.param("bias", layers.torch_conv_bias_init(cin), (self.features,), jnp.float32)
-    y = jnp.dot(x, kernel.reshape(cin, self.features).astype(self.dtype))
+    y = layers.dense_matmul(x, kernel.reshape(cin, self.features).astype(self.dtype))
     return y + bias.astype(self.dtype)
 
 
@@ -169,7 +169,7 @@ class LearnedAggregation(nn.Module):
     init = layers.trunc_normal(0.02)
     dense = lambda name, bias=True: nn.Dense(d, use_bias=bias, dtype=self.dtype,
                                              kernel_init=init, bias_init=nn.initializers.zeros,
-                                             name=name)
+                                             name=name, **layers.dense_kwargs())
     q = dense("q", self.qkv_bias)(u[:, 0])  # (B, D)
     q = (q * jnp.asarray(hd ** -0.5, q.dtype)).reshape(b, h, hd)
     wk, bk = _LinearParams(d, self.qkv_bias, name="k")(d)
@@ -201,7 +201,7 @@ class LearnedAggregation(nn.Module):
         o = o + bv
       o = o.reshape(b, d)
     o = nn.Dense(d, dtype=self.dtype, kernel_init=init, bias_init=nn.initializers.zeros,
-                 name="proj")(o)
+                 name="proj", **layers.dense_kwargs())(o)
     return nn.Dropout(self.proj_dropout)(o, deterministic=deterministic), a
 
 
