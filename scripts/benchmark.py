@@ -44,6 +44,8 @@ def parse_args(argv=None):
   p.add_argument("--resolution", type=int, default=None, help="default: the model's img_size")
   p.add_argument("--steps", type=int, default=2, help="steps per timed window")
   p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
+  p.add_argument("--settle_rounds", "--settle-rounds", type=int, default=1,
+                 help="untimed rounds of windows (each framework in turn) before the timed ones")
   p.add_argument("--repeats", type=int, default=5,
                  help="timed windows per framework and mode; medians are reported")
   p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -141,73 +143,16 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from visrep_jax import models  # noqa: E402
+from visrep_jax.utils.benchmarking import (  # noqa: E402
+    cost_flops, make_jax_train_step, measure_matmul_peak)
 
 
 # ---------------------------------------------------------------------------------------------
 # JAX
 # ---------------------------------------------------------------------------------------------
 
-def make_jax_train_step(model, tx, state_sharding=None, batch_sharding=None):
-  """Returns ``step(state, images, labels, rng) -> (state, loss)``, jitted, state donated.
-
-  ``state`` is ``{'params', 'opt_state', 'model_state'}`` (``model_state``: e.g. BatchNorm
-  ``batch_stats``, updated in train mode; ``{}`` for transformers). Kept as one self-contained
-  builder so that the framework trainer's step can be dropped in instead.
-  """
-
-  def loss_fn(params, model_state, images, labels, rng):
-    variables = {"params": params, **model_state}
-    if model_state:
-      (logits, _), new_state = model.apply(variables, images, train=True, rngs={"dropout": rng},
-                                           mutable=list(model_state))
-    else:
-      logits, _ = model.apply(variables, images, train=True, rngs={"dropout": rng})
-      new_state = model_state
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    return loss, new_state
-
-  def step(state, images, labels, rng):
-    (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], state["model_state"], images, labels, rng)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    return {"params": params, "opt_state": opt_state, "model_state": dict(model_state)}, loss
-
-  # Donating the state lets XLA update parameters and Adam moments in place: no second copy of
-  # ~3x the parameter bytes per step. Explicit shardings (state replicated, batch split) keep
-  # the output state's layout that of the input, so each step's output feeds the next.
-  if state_sharding is None:
-    return jax.jit(step, donate_argnums=(0,))
-  return jax.jit(step, donate_argnums=(0,),
-                 in_shardings=(state_sharding, batch_sharding, batch_sharding, state_sharding),
-                 out_shardings=(state_sharding, state_sharding))
-
-
 def make_jax_infer(model):
   return jax.jit(lambda variables, images: model.apply(variables, images, train=False)[0])
-
-
-def cost_flops(compiled, n_devices: int) -> float:
-  """FLOPs of one call of ``compiled`` over all devices: XLA's cost analysis of an SPMD
-  executable counts one device's share (the batch is split evenly over the devices here)."""
-  ca = compiled.cost_analysis()
-  if isinstance(ca, (list, tuple)):  # older jax returned one dict per computation
-    ca = ca[0] if ca else {}
-  return float((ca or {}).get("flops", float("nan"))) * n_devices
-
-
-def measure_matmul_peak(dtype=jnp.float32, n: int = 4096, iters: int = 5) -> float:
-  """FLOP/s of a large jnp.dot in ``dtype`` on this machine (best of ``iters``)."""
-  a = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
-  b = jax.random.normal(jax.random.PRNGKey(2), (n, n), dtype)
-  dot = jax.jit(jnp.dot)
-  dot(a, b).block_until_ready()
-  best = float("inf")
-  for _ in range(iters):
-    t = time.perf_counter()
-    dot(a, b).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2.0 * n ** 3 / best
 
 
 class JaxBench:
@@ -412,6 +357,12 @@ def main(args):
   wall = {(k, m): [] for k in benches for m in modes}
   cpu = {(k, m): [] for k in benches for m in modes}
   for mode in modes:
+    # Untimed settling rounds, interleaved as the timed ones: the first window of each framework
+    # after the other one's first steps ran slow (the two frameworks' memory settling in the
+    # shared allocator; DeiT-S, 2-core CPU: the first JAX window took 1.5-1.8x the next ones).
+    for _ in range(args.settle_rounds):
+      for bench in benches.values():
+        getattr(bench, mode)(args.steps)
     for _ in range(args.repeats):
       for key, bench in benches.items():
         w, c = timed(getattr(bench, mode), args.steps)
@@ -443,6 +394,8 @@ def main(args):
         summary[mode] = ratio
         row += f" {ratio:8.2f}"
       print(row)
+  print("seconds per window, in order: " + "; ".join(
+      f"{k} {m}: " + " ".join(f"{w:.2f}" for w in wall[(k, m)]) for m in modes for k in benches))
   if summary:
     print("JAX/timm throughput: " + ", ".join(f"{m} {r:.2f}x" for m, r in summary.items()))
   import json

@@ -66,7 +66,11 @@ def main():
     tx, tw, tdy = torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(dy)
     gamma = rng.uniform(0.5, 2.0, (n,)).astype(np.float32)
     jgamma, tgamma = jnp.asarray(gamma), torch.from_numpy(gamma)
-    dims = (((1,), (0,)), ((), ()))
+    dims = (((2,), (0,)), ((), ()))
+    # As in the models: activations are (batch, tokens, features). (The transpose rule of a
+    # rank-3 contraction differs from the rank-2 one: it forms the kernel gradient transposed.)
+    jx3 = jx.reshape(args.batch, args.tokens, k)
+    jdy3 = jdy.reshape(args.batch, args.tokens, n)
 
     def dense_backward(dot):
       # A Dense layer's whole backward (input and kernel gradients) for an incoming gradient
@@ -83,8 +87,9 @@ def main():
         "dweight": (jax.jit(lambda a, b: a.T @ b), (jx, jdy), lambda: tx.t() @ tdy),
         # Both gradients of the layer: JAX's autodiff of lax.dot_general, then the models'
         # nn.Dense contraction (visrep_jax.models.layers.dense_dot_general).
-        "bwd-ad": (dense_backward(jax.lax.dot_general), (jx, jw, jdy, jgamma), torch_backward),
-        "bwd": (dense_backward(layers.dense_dot_general), (jx, jw, jdy, jgamma), torch_backward),
+        "bwd-ad": (dense_backward(jax.lax.dot_general), (jx3, jw, jdy3, jgamma), torch_backward),
+        "bwd": (dense_backward(layers.dense_dot_general), (jx3, jw, jdy3, jgamma),
+                torch_backward),
     }
     for gemm, (jf, jargs, tf) in cases.items():
       jax.block_until_ready(jf(*jargs))

@@ -36,30 +36,20 @@ xla_utils.set_cpu_flags()
 import jax, jax.numpy as jnp, numpy as np, optax
 from visrep_jax import models
 from visrep_jax.utils import malloc
+from visrep_jax.utils.benchmarking import init_train_state, make_jax_train_step
 model = models.create({model!r})
 size = getattr(model, "img_size", 224)
 x = jnp.asarray(np.random.RandomState(0).rand({batch}, size, size, 3).astype(np.float32))
 y = jnp.asarray(np.arange({batch}) % 1000)
-params = model.init(jax.random.PRNGKey(0), x[:1], train=False)["params"]
 tx = optax.adamw(1e-3)
-opt = tx.init(params)
-
-def loss_fn(p, x, y, rng):
-  logits, _ = model.apply({{"params": p}}, x, train=True, rngs={{"dropout": rng, "drop_path": rng}})
-  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-@jax.jit
-def step(p, o, rng):
-  loss, g = jax.value_and_grad(loss_fn)(p, x, y, rng)
-  u, o = tx.update(g, o, p)
-  return optax.apply_updates(p, u), o, loss
-
-params, opt, loss = step(params, opt, jax.random.PRNGKey(0))
+state = init_train_state(model, tx, x)
+step = make_jax_train_step(model, tx)  # the step scripts/benchmark.py times
+state, loss = step(state, x, y, jax.random.PRNGKey(0))
 loss.block_until_ready()
 rows = []
 for i in range({steps}):
   r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-  params, opt, loss = step(params, opt, jax.random.PRNGKey(i + 1))
+  state, loss = step(state, x, y, jax.random.PRNGKey(i + 1))
   loss.block_until_ready()
   t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
   rows.append((t1 - t0, r1.ru_minflt - r0.ru_minflt, r1.ru_stime - r0.ru_stime))

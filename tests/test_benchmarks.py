@@ -103,3 +103,16 @@ def test_benchmark_compares_host_device_counts():
   assert [(n, m) for n, m, _ in rows] == [("1", "train"), ("1", "infer"), ("2", "train"),
                                           ("2", "infer")], out[-1500:]
   assert rows[0][2] == "1.00"
+
+
+def test_dense_vjp_benchmark_times_both_variants():
+  r = subprocess.run([sys.executable, "scripts/benchmark_dense_vjp.py", "--model=vit_test_patch4_16",
+                      "--batch_size=4", "--steps=1", "--repeats=2"],
+                     cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = {l.split()[0]: l for l in r.stdout.splitlines() if l.split()[:1] in (["autodiff"], ["ours"])}
+  assert set(rows) == {"autodiff", "ours"}
+  for line in rows.values():
+    assert float(line.split()[2]) > 0 and len(line.split("windows:")[1].split()) == 2
+  m = re.search(r"autodiff / ours\): ([0-9.]+)x", r.stdout)
+  assert m and float(m[1]) > 0, r.stdout
