@@ -11,7 +11,8 @@ same process and interleaved with JAX so that background load affects both alike
   * inference images/s: jitted forward in eval mode;
   * model FLOPs from XLA's cost analysis of the compiled forward (and train step);
   * MFU against a matmul peak measured on this machine in the benchmark's dtype.
-Each figure is the median over ``--repeats`` timed windows of ``--steps`` steps.
+Each figure is the median over ``--repeats`` timed windows of ``--steps`` steps, after
+``--settle_rounds`` untimed rounds of windows (frameworks interleaved as in the timed ones).
 
 On a GPU, timm runs on CUDA too (``--torch_device``), with ``torch.autocast`` for
 ``--dtype=bfloat16`` and TF32 float32 matmuls (JAX's default there); ``--attention`` picks the
@@ -394,7 +395,7 @@ def main(args):
         summary[mode] = ratio
         row += f" {ratio:8.2f}"
       print(row)
-  print("seconds per window, in order: " + "; ".join(
+  print("seconds per window (per framework and mode, in time order): " + "; ".join(
       f"{k} {m}: " + " ".join(f"{w:.2f}" for w in wall[(k, m)]) for m in modes for k in benches))
   if summary:
     print("JAX/timm throughput: " + ", ".join(f"{m} {r:.2f}x" for m, r in summary.items()))

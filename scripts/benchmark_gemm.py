@@ -8,7 +8,8 @@ contraction with its hand-written VJP (visrep_jax.models.layers.dense_dot_genera
 
   python scripts/benchmark_gemm.py [--batch=32] [--tokens=197] [--repeats=3]
 
-Prints milliseconds per GEMM (median) and the ratio torch/JAX time (> 1: JAX faster).
+Prints milliseconds per GEMM (per pair of GEMMs for the 'bwd' rows; median) and the ratio
+torch/JAX time (> 1: JAX faster).
 """
 
 from __future__ import annotations

@@ -115,28 +115,31 @@ def test_demo_model_takes_grayscale():
 @pytest.mark.parametrize("shape,dtype,tol", [((6, 5), jnp.float32, 1e-6),
                                              ((3, 7, 5), jnp.float32, 1e-6),
                                              ((2, 3, 4, 5), jnp.float32, 1e-6),
-                                             ((3, 7, 5), jnp.bfloat16, 2e-2)])
+                                             ((3, 7, 5), jnp.bfloat16, 2e-2),
+                                             ((3, 7, 5), jnp.float64, 1e-13)])
 def test_dense_dot_general_matches_autodiff(shape, dtype, tol):
   """The Dense contraction with the hand-written VJP: same value, input gradient and kernel
-  gradient (and dtypes) as lax.dot_general under autodiff, for inputs of any rank."""
+  gradient (and dtypes) as lax.dot_general under autodiff, for inputs of any rank and float64
+  kept in float64."""
   from visrep_jax.models import layers
-  kx, kw, kg = jax.random.split(jax.random.PRNGKey(0), 3)
-  x = jax.random.normal(kx, shape).astype(dtype)
-  w = jax.random.normal(kw, (shape[-1], 4)).astype(dtype)
-  g = jax.random.normal(kg, shape[:-1] + (4,)).astype(dtype)
-  dims = (((x.ndim - 1,), (0,)), ((), ()))
-  scale = jnp.linspace(0.5, 2.0, 4).astype(dtype)  # the cotangent is a fusion, as in a block
+  with jax.enable_x64(dtype == jnp.float64):
+    kx, kw, kg = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(kx, shape, dtype)
+    w = jax.random.normal(kw, (shape[-1], 4), dtype)
+    g = jax.random.normal(kg, shape[:-1] + (4,), dtype)
+    dims = (((x.ndim - 1,), (0,)), ((), ()))
+    scale = jnp.linspace(0.5, 2.0, 4).astype(dtype)  # the cotangent is a fusion, as in a block
 
-  def run(dot):
-    y, vjp = jax.vjp(lambda a, b: dot(a, b, dims), x, w)
-    return (y, *vjp(g * scale))
+    def run(dot):
+      y, vjp = jax.vjp(lambda a, b: dot(a, b, dims), x, w)
+      return (y, *vjp(g * scale))
 
-  got = jax.jit(lambda: run(layers.dense_dot_general))()
-  ref = jax.jit(lambda: run(jax.lax.dot_general))()
-  for a, b in zip(got, ref):
-    assert a.dtype == b.dtype and a.shape == b.shape
-    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                               atol=tol, rtol=tol)
+    got = jax.jit(lambda: run(layers.dense_dot_general))()
+    ref = jax.jit(lambda: run(jax.lax.dot_general))()
+    for a, b in zip(got, ref):
+      assert a.dtype == b.dtype == dtype and a.shape == b.shape
+      np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
+                                 atol=tol, rtol=tol)
   # Other contractions are plain lax.dot_general (and still differentiable).
   other = (((0,), (0,)), ((), ()))
   a2 = jax.random.normal(kx, (5, 3))
@@ -144,11 +147,13 @@ def test_dense_dot_general_matches_autodiff(shape, dtype, tol):
                                 jax.lax.dot_general(a2, a2, other))
 
 
-def test_dense_backward_does_not_transpose_the_incoming_gradient(monkeypatch):
+def test_dense_backward_does_not_transpose_the_incoming_gradient():
   """Why dense_dot_general exists: under autodiff XLA CPU materialises the (scaled) incoming
   gradient transposed, (n, m), to form the kernel gradient; with it the kernel gradient reads
   the gradient in place. Checked on the optimised HLO of a LayerScale-like backward."""
   from visrep_jax.models import layers
+  if jax.default_backend() != "cpu":
+    pytest.skip("an XLA CPU layout property")
   m, k, n = 96, 40, 56
   x, g = jnp.ones((4, m // 4, k)), jnp.ones((4, m // 4, n))
   w, gamma = jnp.ones((k, n)), jnp.ones((n,))
@@ -159,19 +164,46 @@ def test_dense_backward_does_not_transpose_the_incoming_gradient(monkeypatch):
     text = jax.jit(f).lower(x, g, w, gamma).compile().as_text()
     return text[text.index("ENTRY"):]
 
-  if jax.default_backend() != "cpu":
-    pytest.skip("an XLA CPU layout property")
   transposed_gradient = f"f32[{n},{m}]"
-  assert transposed_gradient in hlo(jax.lax.dot_general)  # the autodiff layout this avoids
+  if transposed_gradient not in hlo(jax.lax.dot_general):
+    pytest.skip(f"this XLA ({jax.__version__}) no longer transposes the gradient under "
+                "autodiff: dense_dot_general may no longer be needed")
   assert transposed_gradient not in hlo(layers.dense_dot_general)
+
+
+def _count_custom_vjp_calls(jaxpr) -> int:
+  from visrep_jax.models.zoo import _sub_jaxprs
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += eqn.primitive.name.startswith("custom_vjp_call")
+    n += sum(_count_custom_vjp_calls(sub) for sub in _sub_jaxprs(eqn))
+  return n
+
+
+@pytest.mark.parametrize("name,dense_per_block", [("vit_test_patch4_16", 4),
+                                                  ("cait_test_patch4_16", None),
+                                                  ("patchconvnet_test", None)])
+def test_models_use_the_dense_vjp_on_cpu(monkeypatch, name, dense_per_block):
+  """Every block's linear layers go through dense_dot_general on CPU (counted in the jaxpr: the
+  ViT's qkv, proj, fc1, fc2), and the parameters' gradients equal plain autodiff's."""
+  from visrep_jax.models import layers
+  if jax.default_backend() != "cpu":
+    pytest.skip("dense_dot_general is the CPU choice")
   assert layers.dense_kwargs() == {"dot_general": layers.dense_dot_general}
-  # A model's Dense layers give the same parameters' gradients either way.
-  model = models.create("vit_test_patch4_16")
-  images = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
+  model = models.create(name)
+  size = getattr(model, "img_size", 16)
+  images = jax.random.normal(jax.random.PRNGKey(1), (2, size, size, 3))
   variables = model.init(jax.random.PRNGKey(2), images)
   loss = lambda p: model.apply({"params": p}, images)[0].sum()
-  got = jax.grad(loss)(variables["params"])
+  # A new function each time: make_jaxpr caches traces by function.
+  count = lambda: _count_custom_vjp_calls(
+      jax.make_jaxpr(lambda p: loss(p))(variables["params"]).jaxpr)
+  got, with_ours = jax.grad(loss)(variables["params"]), count()
   monkeypatch.setattr(layers, "dense_kwargs", lambda: {})
-  ref = jax.grad(loss)(variables["params"])
+  ref, without = jax.grad(loss)(variables["params"]), count()
+  if dense_per_block is not None:
+    assert with_ours - without == dense_per_block * model.depth
+  else:
+    assert with_ours > without
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5),
                          got, ref)

@@ -83,13 +83,18 @@ def _dense_contract_fwd(x, kernel, dimension_numbers, precision, preferred_eleme
 def _dense_contract_bwd(dimension_numbers, precision, preferred_element_type, res, dy):
   x, kernel = res
   k, n = kernel.shape
-  dy = dy.astype(x.dtype)
+  # A cotangent wider than the inputs (preferred_element_type) is kept at its precision, as
+  # autodiff does: the operands are promoted to a common dtype, never the cotangent rounded down.
+  ct = jnp.promote_types(dy.dtype, x.dtype)
+  dy = dy.astype(ct)
   # dx = dy @ kernel^T (as autodiff); dkernel = x^T @ dy contracting over all leading dims of x
   # and dy, written with x first so that the result comes out as (k, n) directly.
-  dx = jax.lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())), precision=precision)
-  x2, dy2 = x.reshape(-1, k), dy.reshape(-1, n)
+  dx = jax.lax.dot_general(dy, kernel.astype(ct), (((dy.ndim - 1,), (1,)), ((), ())),
+                           precision=precision, preferred_element_type=preferred_element_type)
+  x2, dy2 = x.astype(ct).reshape(-1, k), dy.reshape(-1, n)
+  acc = preferred_element_type or jnp.promote_types(kernel.dtype, jnp.float32)
   dkernel = jax.lax.dot_general(x2, dy2, (((0,), (0,)), ((), ())), precision=precision,
-                                preferred_element_type=jnp.float32)
+                                preferred_element_type=acc)
   return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
 
 
@@ -108,7 +113,10 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
   a Dense layer's whole backward takes 107.6 -> 76.8 ms (fc1), 84.9 -> 80.7 (fc2),
   81.8 -> 62.4 (qkv), 24.9 -> 21.6 (proj); ``scripts/benchmark_dense_vjp.py`` times whole train
   steps with and without it. Other backends use plain ``lax.dot_general`` (see
-  :func:`dense_kwargs`). Reverse mode only (a ``custom_vjp``), as the fused attention.
+  :func:`dense_kwargs`). Reverse mode only (a ``custom_vjp``), as the fused attention and GELU.
+  Under ``jax.checkpoint`` with a saving policy (e.g. ``dots_with_no_batch_dims_saveable``) the
+  contraction is inside the custom VJP, so the policy does not see it and it is recomputed; the
+  models' ``remat`` uses the default policy (save nothing), which is unaffected.
   """
   (lc, rc), (lb, rb) = dimension_numbers
   if (tuple(lc) != (lhs.ndim - 1,) or tuple(rc) != (0,) or lb or rb or rhs.ndim != 2):
@@ -120,7 +128,8 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
 
 def dense_kwargs() -> dict:
   """Extra ``nn.Dense`` arguments of the models' linear layers: :func:`dense_dot_general` on the
-  CPU backend, nothing elsewhere (GPU/TPU compilers take the transposed operand directly)."""
+  CPU backend (where it was measured to help), nothing elsewhere. Decided by the default backend
+  when the model is traced; either choice gives the same values."""
   return {"dot_general": dense_dot_general} if jax.default_backend() == "cpu" else {}
 
 

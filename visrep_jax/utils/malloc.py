@@ -5,7 +5,8 @@ the execution ends (3.1 GiB for a DeiT-S/16 train step at batch 32). glibc serve
 large with ``mmap`` and gives them back with ``munmap`` (from a worker thread's arena even
 ``M_MMAP_MAX=0`` does not stop it), so every step page-faults the whole buffer in again.
 ``python scripts/benchmark_malloc.py --allocators=system,tcmalloc,jemalloc,hugetlb`` (2-core
-CPU, jaxlib 0.10.2, glibc 2.36, that step, 4 steps each, 2026-11-26), median s/step and ratio:
+CPU, jaxlib 0.10.2, glibc 2.36, that step, 4 steps each, 2026-11-26, before the models' Dense
+VJP and with the script's own step at the time), median s/step and ratio:
 
   glibc              6.52 s/step (1.00x)  814-869k minor faults, 1.5-1.8 s system time per step
   glibc hugetlb=1    5.42 s/step (0.83x)  2-63k faults, 0.34-0.43 s system time
@@ -18,7 +19,8 @@ never returns memory to the OS, so the process keeps its peak footprint, as a tr
 anyway). The allocator can only be replaced when
 the process starts (``LD_PRELOAD``), so :func:`ensure_tcmalloc` re-executes the current command
 line (``sys.orig_argv``) once with tcmalloc preloaded. Entry points call it first thing
-(``python -m visrep_jax.main``, ``scripts/benchmark.py``), and it acts only when the process's
+(``python -m visrep_jax.main``, ``scripts/benchmark.py``, ``scripts/benchmark_dense_vjp.py``),
+and it acts only when the process's
 own command line is that entry point: an import, runpy, IPython's %run or a debugger never
 re-executes anything. The process keeps its PID (signals, SLURM, timeouts are unaffected).
 
