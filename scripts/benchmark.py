@@ -324,7 +324,11 @@ def timed(fn, steps):
 
 
 def main(args):
-  res = args.resolution or getattr(models.create(args.model), "img_size", 224)
+  try:
+    probe = models.create(args.model)
+  except ValueError as e:  # unknown name (UnknownNameError) or bad option: one line, no traceback
+    raise SystemExit(f"--model: {e}") from None
+  res = args.resolution or getattr(probe, "img_size", 224)
   b = args.batch_size
   print(f"devices: {jax.devices()}  cores: {os.cpu_count()}  jax {jax.__version__}  "
         f"matmul precision: {jax.config.jax_default_matmul_precision or 'default'}")

@@ -45,7 +45,10 @@ def main(args):
   from visrep_jax.models import layers
   from visrep_jax.utils.benchmarking import init_train_state, make_jax_train_step
 
-  probe = models.create(args.model)
+  try:
+    probe = models.create(args.model)
+  except ValueError as e:  # unknown name (UnknownNameError) or bad option: one line
+    raise SystemExit(f"--model: {e}") from None
   res = args.resolution or getattr(probe, "img_size", 224)
   rng = np.random.RandomState(0)
   x = jax.numpy.asarray(rng.rand(args.batch_size, res, res, 3).astype(np.float32))

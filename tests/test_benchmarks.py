@@ -116,3 +116,13 @@ def test_dense_vjp_benchmark_times_both_variants():
     assert float(line.split()[2]) > 0 and len(line.split("windows:")[1].split()) == 2
   m = re.search(r"autodiff / ours\): ([0-9.]+)x", r.stdout)
   assert m and float(m[1]) > 0, r.stdout
+
+
+@pytest.mark.parametrize("script", ["scripts/benchmark.py", "scripts/benchmark_dense_vjp.py"])
+def test_benchmarks_reject_an_unknown_model_in_one_line(script):
+  r = subprocess.run([sys.executable, script, "--model=no_such_model"], cwd=REPO,
+                     env=subprocess_env(1), capture_output=True, text=True, timeout=300)
+  assert r.returncode != 0
+  assert "Traceback" not in r.stderr, r.stderr[-2000:]
+  assert "--model: Unknown model 'no_such_model'. Valid:" in r.stderr
+  assert "vit_test_patch4_16" in r.stderr  # the valid names are listed
