@@ -78,6 +78,8 @@ VARIANTS = {
     "Ti": ("tiny", 0.0), "S": ("small", 0.0), "M": ("medium", 0.0),
     "B": ("base", 0.1), "L": ("large", 0.4), "H": ("huge", 0.5),
 }
+FASHION_MNIST_EPOCHS = 40
+
 PRETRAIN = ("in1k", "in21k")
 # Drop path of the other stages: 21k pre-training (Table 6.14), 21k -> 1k and 1k-only
 # fine-tuning (README_revenge.md; Ti/M are not in the thesis or the README: interpolated).
@@ -238,6 +240,16 @@ def get_config(arg=None):
     c.log_every_steps = 100
     c.eval_every_steps = 2000
     c.checkpoint_every_steps = 2000
+  if args.fashion_mnist:
+    # The issue-4 target run: the same transformer on a 3-layer convolutional stem (ViT_C,
+    # 4x4 grid of 128-d tokens, 1.26x the demo's step time), random crop (zero-pad 2) + flip,
+    # FASHION_MNIST_EPOCHS epochs.
+    c.model.name = "deit3_demo_convstem_28"
+    c.dataset.train_pp = ("decode(1)|random_crop(28, pad=2, pad_mode='constant')|flip_lr|"
+                          "normalize('fashion_mnist')")
+    c.total_epochs = float(args.epochs if args.epochs != 400 else FASHION_MNIST_EPOCHS)
+    c.eval_every_steps = 3748
+    c.checkpoint_every_steps = 3748
 
   c.eval_only = args.eval_only
   c.init_checkpoint = args.init

@@ -112,6 +112,29 @@ def test_demo_model_takes_grayscale():
   assert model.apply(variables, x)[0].shape == (2, 10)
 
 
+def test_conv_stem_vit():
+  """ViT_C: 3x3/2 conv + BatchNorm + ReLU stages before a 1x1 patch embedding; BatchNorm
+  statistics are updated in training and used in evaluation; the plain ViT has no stem."""
+  model = models.create("deit3_demo_convstem_28")
+  variables, x = init(model, 28, channels=1, batch=4)
+  stem = {k: v["kernel"].shape for k, v in variables["params"].items() if k.startswith("stem_conv")}
+  assert stem == {"stem_conv_0": (3, 3, 1, 32), "stem_conv_1": (3, 3, 32, 64),
+                  "stem_conv_2": (3, 3, 64, 128)}
+  assert variables["params"]["patch_embed"]["proj"]["kernel"].shape == (1, 1, 128, 128)
+  assert set(variables["batch_stats"]) == {"stem_bn_0", "stem_bn_1", "stem_bn_2"}
+  logits, out = model.apply(variables, x)
+  assert logits.shape == (4, 10) and out["grid"] == (4, 4) and out["tokens"].shape == (4, 16, 128)
+  (t_logits, _), new_state = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  mean0 = variables["batch_stats"]["stem_bn_0"]["mean"]
+  assert not np.allclose(new_state["batch_stats"]["stem_bn_0"]["mean"], mean0)
+  # Training normalises by the batch, evaluation by the running statistics.
+  assert not np.allclose(t_logits, logits, atol=1e-4)
+  with pytest.raises(ValueError, match="img_size=56"):
+    model.apply(variables, jnp.zeros((1, 56, 56, 1)))
+  plain = init(models.create("deit3_demo_patch7_28"), 28, channels=1)[0]
+  assert "batch_stats" not in plain and not any(k.startswith("stem_") for k in plain["params"])
+
+
 @pytest.mark.parametrize("shape,dtype,tol", [((6, 5), jnp.float32, 1e-6),
                                              ((3, 7, 5), jnp.float32, 1e-6),
                                              ((2, 3, 4, 5), jnp.float32, 1e-6),

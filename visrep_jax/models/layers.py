@@ -372,9 +372,10 @@ class LayerScaleBlock(nn.Module):
     return x
 
 
-def check_patch_grid(images, grid, img_size: int, patch_size: int):
-  """Raises a one-line error when ``images`` do not give the grid the model was built for."""
-  expected = (img_size // patch_size) ** 2
+def check_patch_grid(images, grid, img_size: int, patch_size: int, stem_stride: int = 1):
+  """Raises a one-line error when ``images`` do not give the grid the model was built for
+  (``stem_stride``: the downsampling of a padded convolutional stem before the patches)."""
+  expected = (-(-img_size // stem_stride) // patch_size) ** 2
   if grid[0] * grid[1] != expected:
     raise ValueError(
         f"input {images.shape[1]}x{images.shape[2]} gives {grid[0] * grid[1]} patches but the "

@@ -15,7 +15,7 @@ the official PyTorch state dicts (``blocks.3.gamma_1`` -> ``blocks_3/gamma_1``).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +58,11 @@ class VisionTransformer(nn.Module):
   attention: Optional[str] = None           # 'bhnd' | 'xla' | 'cudnn'; None: by backend/dtype
   distilled: bool = False                   # DeiT-distilled: dist_token + head_dist
   distilled_fusion: str = "mean_logits"     # eval-mode fusion of the heads: or 'mean_probs'
+  # Convolutional stem (ViT_C of Xiao et al. 2021, "Early convolutions help transformers see
+  # better"): one 3x3 stride-2 conv + BatchNorm + ReLU per entry (its output channels), then
+  # the patch embedding (``patch_size`` 1 for a 1x1 projection) on the stem's feature map.
+  # Empty (default): the plain ViT patch embedding.
+  conv_stem: Sequence[int] = ()
 
   @staticmethod
   def torch_rename(key: str) -> Optional[str]:
@@ -84,9 +89,19 @@ class VisionTransformer(nn.Module):
                        f"{self.distilled_fusion!r}")
     deterministic = not train
     x = images.astype(self.dtype)
+    stride = 1
+    for i, ch in enumerate(self.conv_stem):
+      x = nn.Conv(int(ch), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), use_bias=False,
+                  dtype=self.dtype, kernel_init=nn.initializers.he_normal(),
+                  name=f"stem_conv_{i}")(x)
+      x = nn.BatchNorm(use_running_average=deterministic, momentum=0.9, epsilon=1e-5,
+                       dtype=self.dtype, name=f"stem_bn_{i}")(x)
+      x = nn.relu(x)
+      stride *= 2
     x, (gh, gw) = layers.PatchEmbed(self.patch_size, self.embed_dim, self.dtype,
                                     name="patch_embed")(x)
-    layers.check_patch_grid(images, (gh, gw), self.img_size, self.patch_size)
+    layers.check_patch_grid(images, (gh, gw), self.img_size, self.patch_size,
+                            stem_stride=stride)
     b, n, d = x.shape
     init = layers.trunc_normal(0.02)
     prefix = [jnp.broadcast_to(
@@ -215,6 +230,12 @@ for (_size, _res), _meta in _DEIT3_META.items():
 register_model("deit3_demo_patch7_28", VisionTransformer, img_size=28, patch_size=7,
                embed_dim=128, depth=4, num_heads=4, mlp_ratio=2.0, layerscale_init=0.1,
                pos_embed_cls_slot=False, drop_path_uniform=True, num_classes=10)
+# The same transformer on a convolutional stem (three 3x3/2 convs, 28x28 -> 4x4 grid of 128-d
+# tokens): the `fashion_mnist` configs' ViT (ViT_C of Xiao et al. 2021).
+register_model("deit3_demo_convstem_28", VisionTransformer, img_size=28, patch_size=1,
+               conv_stem=(32, 64, 128), embed_dim=128, depth=4, num_heads=4, mlp_ratio=2.0,
+               layerscale_init=0.1, pos_embed_cls_slot=False, drop_path_uniform=True,
+               num_classes=10)
 # A few-parameter model for unit tests.
 register_model("vit_test_patch4_16", VisionTransformer, img_size=16, patch_size=4, embed_dim=32,
                depth=2, num_heads=2, mlp_ratio=2.0, layerscale_init=1e-1, num_classes=10)
