@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # family -> (config, what it trains, target top-1 or None)
 FAMILIES: Dict[str, Tuple[str, str, Optional[float]]] = {
-    "deit3": ("configs/deit3.py:fashion_mnist", "DeiT III recipe, small ViT", 0.92),
+    "deit3": ("configs/deit3.py:fashion_mnist", "DeiT III recipe, small ViT (conv stem)", 0.92),
     "resnet": ("configs/resnet.py:fashion_mnist", "ResNet-18, SGD recipe", 0.94),
     "deit": ("configs/deit.py:fashion_mnist", "DeiT recipe, small ViT", None),
     "cait": ("configs/cait.py:fashion_mnist", "CaiT recipe, small CaiT", None),
