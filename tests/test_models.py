@@ -125,8 +125,14 @@ def test_conv_stem_vit():
   logits, out = model.apply(variables, x)
   assert logits.shape == (4, 10) and out["grid"] == (4, 4) and out["tokens"].shape == (4, 16, 128)
   (t_logits, _), new_state = model.apply(variables, x, train=True, mutable=["batch_stats"])
-  mean0 = variables["batch_stats"]["stem_bn_0"]["mean"]
-  assert not np.allclose(new_state["batch_stats"]["stem_bn_0"]["mean"], mean0)
+  # Running mean = 0.9 * old (0) + 0.1 * the batch mean of the first conv's output (torch's
+  # momentum 0.1).
+  assert np.all(variables["batch_stats"]["stem_bn_0"]["mean"] == 0)
+  conv = jax.lax.conv_general_dilated(x, variables["params"]["stem_conv_0"]["kernel"], (2, 2),
+                                      ((1, 1), (1, 1)),
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  np.testing.assert_allclose(new_state["batch_stats"]["stem_bn_0"]["mean"],
+                             0.1 * conv.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
   # Training normalises by the batch, evaluation by the running statistics.
   assert not np.allclose(t_logits, logits, atol=1e-4)
   with pytest.raises(ValueError, match="img_size=56"):

@@ -43,6 +43,9 @@ def by_top_level(ids):
     ("cait_test_patch4_16", {},  # class-attention blocks follow the self-attention trunk
      dict(patch_embed=0, cls_token=0, pos_embed=0, blocks_0=1, blocks_1=2, blocks_token_only_0=3,
           blocks_token_only_1=4, norm=5, head=5), 4),
+    ("deit3_demo_convstem_28", {"depth": 2},  # ViT_C: the conv stem is the embedding
+     dict(stem_conv_0=0, stem_bn_0=0, stem_conv_1=0, stem_bn_1=0, stem_conv_2=0, stem_bn_2=0,
+          patch_embed=0, cls_token=0, pos_embed=0, blocks_0=1, blocks_1=2, norm=3, head=3), 2),
     ("resmlp_test_patch4_16", {},
      dict(patch_embed=0, blocks_0=1, blocks_1=2, norm=3, head=3), 2),
     ("patchconvnet_test", {},

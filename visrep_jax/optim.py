@@ -155,6 +155,8 @@ def make_schedule(config, total_steps: int, steps_per_epoch: int) -> Callable[[A
 
 # Parameters of the input embedding: layer id 0 under layer-wise decay.
 EMBED_NAMES = ("patch_embed", "cls_token", "pos_embed", "dist_token", "stem", "conv1", "bn1")
+# ... and the ViT_C convolutional stem's layers (``stem_conv_<i>``, ``stem_bn_<i>``).
+_STEM_RE = re.compile(r"^stem_(?:conv|bn)_\d+$")
 # A repeated block: a path component ``<stack>_<index>`` whose stack is ``blocks`` (the trunk of
 # ViT / DeiT / CaiT / ResMLP / PatchConvNet), ``blocks_<name>`` (e.g. CaiT's and PatchConvNet's
 # ``blocks_token_only``), or a ResNet stage ``layer<k>``.
@@ -179,7 +181,8 @@ def layer_ids(params) -> Tuple[Dict[str, int], int]:
   Derived from the parameter paths alone, so every zoo family works without per-model tables:
 
   * id 0: the embedding, i.e. paths whose first component is one of ``EMBED_NAMES``
-    (``patch_embed``, ``cls_token``, ``pos_embed``, ``dist_token``; ResNet's stem);
+    (``patch_embed``, ``cls_token``, ``pos_embed``, ``dist_token``; ResNet's stem) or a layer of
+    a ViT's convolutional stem (``stem_conv_<i>`` / ``stem_bn_<i>``);
   * blocks: the first path component matching ``<stack>_<i>`` (see ``_BLOCK_RE``). Stacks are
     numbered one after the other in forward order, the trunk ``blocks`` first, then the other
     stacks in natural name order (CaiT / PatchConvNet: ``blocks_token_only`` after ``blocks``;
@@ -203,7 +206,7 @@ def layer_ids(params) -> Tuple[Dict[str, int], int]:
   for path in flat:
     path = tuple(str(p) for p in path)
     b = _block_of(path)
-    if path[0] in EMBED_NAMES:
+    if path[0] in EMBED_NAMES or _STEM_RE.match(path[0]):
       ids["/".join(path)] = 0
     elif b is not None:
       ids["/".join(path)] = start[b[0]] + b[1] + 1
