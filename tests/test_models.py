@@ -137,6 +137,10 @@ def test_conv_stem_vit():
   assert not np.allclose(t_logits, logits, atol=1e-4)
   with pytest.raises(ValueError, match="img_size=56"):
     model.apply(variables, jnp.zeros((1, 56, 56, 1)))
+  with pytest.raises(ValueError, match="4x4 map, not divisible by patch_size=3; use patch_size=1"):
+    models.create("deit3_demo_convstem_28", patch_size=3).init(jax.random.PRNGKey(0), x)
+  with pytest.raises(ValueError, match=r"positive integers\), got \(32, 0\)"):
+    models.create("deit3_demo_convstem_28", conv_stem=(32, 0)).init(jax.random.PRNGKey(0), x)
   plain = init(models.create("deit3_demo_patch7_28"), 28, channels=1)[0]
   assert "batch_stats" not in plain and not any(k.startswith("stem_") for k in plain["params"])
 

@@ -89,6 +89,9 @@ class VisionTransformer(nn.Module):
                        f"{self.distilled_fusion!r}")
     deterministic = not train
     x = images.astype(self.dtype)
+    if any(int(ch) < 1 for ch in self.conv_stem):
+      raise ValueError(f"conv_stem lists each stem conv's output channels (positive integers), "
+                       f"got {tuple(self.conv_stem)}")
     stride = 1
     for i, ch in enumerate(self.conv_stem):
       x = nn.Conv(int(ch), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), use_bias=False,
@@ -98,6 +101,11 @@ class VisionTransformer(nn.Module):
                        dtype=self.dtype, name=f"stem_bn_{i}")(x)
       x = nn.relu(x)
       stride *= 2
+    if self.conv_stem and (x.shape[1] % self.patch_size or x.shape[2] % self.patch_size):
+      raise ValueError(f"the conv stem turns {images.shape[1]}x{images.shape[2]} images into a "
+                       f"{x.shape[1]}x{x.shape[2]} map, not divisible by patch_size="
+                       f"{self.patch_size}; use patch_size=1 (a 1x1 projection) or a size that "
+                       "divides it")
     x, (gh, gw) = layers.PatchEmbed(self.patch_size, self.embed_dim, self.dtype,
                                     name="patch_embed")(x)
     layers.check_patch_grid(images, (gh, gw), self.img_size, self.patch_size,
