@@ -28,7 +28,8 @@ Arguments (``--config=configs/cait.py:variant=XXS24,runlocal``):
   variant=XXS24|XXS36|XS24|XS36|S24|S36|S48|M24|M36|M48
   distillation=none|hard  Υ: 1/2 CE(y) + 1/2 CE(argmax teacher) on the single class head.
   teacher=DIR             the teacher's checkpoint; teacher_model=NAME its zoo model.
-  epochs=N                400 (500 gives nothing more, L1588).
+  epochs=N                training epochs (400: 500 gives nothing more, L1588; fine-tuning 30;
+                          fashion_mnist 12). N overrides whichever default applies.
   finetune                fine-tune from init=DIR at res (384; 448 for M48).
   res=N                   fine-tuning resolution.
   init=DIR, eval_only     as in every config.
@@ -85,7 +86,7 @@ def _model_name(size: str, res: int):
 
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, variant="S36", distillation="none", teacher="",
-                              teacher_model="deit_base_patch16_224", epochs=400, finetune=False,
+                              teacher_model="deit_base_patch16_224", epochs=0, finetune=False,
                               res=0, init="", eval_only=False, fashion_mnist=False,
                               runlocal=False)
   if args.variant not in VARIANTS:
@@ -100,7 +101,7 @@ def get_config(arg=None):
   c = config_lib.base_config()
   c.seed = 0
   c.batch_size = 1024
-  c.total_epochs = float(args.epochs)
+  c.total_epochs = float(args.epochs or 400)
   c.log_every_steps = 100
   c.eval_every_steps = 5000
   c.checkpoint_every_steps = 2000
@@ -131,7 +132,7 @@ def get_config(arg=None):
 
   if args.finetune:
     c.batch_size = 512
-    c.total_epochs = 30.0
+    c.total_epochs = float(args.epochs or 30)
     c.optimizer.lr = 5e-6 * c.batch_size / 512
     c.optimizer.weight_decay = 1e-8
     c.schedule.min_lr = 5e-6
@@ -150,7 +151,7 @@ def get_config(arg=None):
     config_lib.use_fashion_mnist(c, ("decode(1)|random_crop(28, pad=2)|flip_lr|normalize('fashion_mnist')|"
                           "random_erasing(0.25, mode='pixel')"))
     c.batch_size = 128
-    c.total_epochs = 12.0
+    c.total_epochs = float(args.epochs or 12)
     c.optimizer.lr = 1e-3
     c.schedule.warmup_epochs = 1.0
     c.mixup.mixup_alpha = 0.0

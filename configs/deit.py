@@ -43,7 +43,8 @@ Arguments (``--config=configs/deit.py:variant=B,distillation=hard,teacher=DIR``)
                           on the distillation head, eval = mean of the two heads' logits.
   teacher=DIR             the teacher's checkpoint (workdir or `python -m visrep_jax.convert --out`).
   teacher_model=NAME      the teacher's zoo model (default deit_base_patch16_224).
-  epochs=N                training epochs (300; 1000 for the long distilled runs).
+  epochs=N                training epochs (300; 1000 for the long distilled runs; fine-tuning 30;
+                          fashion_mnist 12). N overrides whichever default applies.
   finetune                fine-tune at res (default 384) from init=DIR: the deit README recipe.
   res=N                   resolution of the fine-tuning (default 384).
   init=DIR                initial weights (required by finetune).
@@ -97,7 +98,7 @@ def eval_pp(size: int) -> str:
 
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, variant="S", distillation="none", teacher="",
-                              teacher_model="deit_base_patch16_224", epochs=300, finetune=False,
+                              teacher_model="deit_base_patch16_224", epochs=0, finetune=False,
                               res=384, init="", eval_only=False, fashion_mnist=False,
                               runlocal=False)
   if args.variant not in VARIANTS:
@@ -114,7 +115,7 @@ def get_config(arg=None):
   c = config_lib.base_config()
   c.seed = 0
   c.batch_size = 1024
-  c.total_epochs = float(args.epochs)
+  c.total_epochs = float(args.epochs or 300)
   c.log_every_steps = 100
   c.eval_every_steps = 5000
   c.checkpoint_every_steps = 2000
@@ -153,7 +154,7 @@ def get_config(arg=None):
     else:
       c.model.img_size = res
     c.batch_size = 512
-    c.total_epochs = 30.0
+    c.total_epochs = float(args.epochs or 30)
     c.optimizer.lr = 5e-6 * c.batch_size / 512
     c.optimizer.weight_decay = 1e-8
     c.schedule.min_lr = 5e-6
@@ -173,7 +174,7 @@ def get_config(arg=None):
     config_lib.use_fashion_mnist(c, ("decode(1)|random_crop(28, pad=2)|flip_lr|normalize('fashion_mnist')|"
                           "random_erasing(0.25, mode='pixel')"))
     c.batch_size = 128
-    c.total_epochs = 12.0
+    c.total_epochs = float(args.epochs or 12)
     c.optimizer.lr = 1e-3
     c.schedule.warmup_epochs = 1.0
     c.schedule.min_lr = 1e-5

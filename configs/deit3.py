@@ -58,7 +58,9 @@ Arguments (``--config=configs/deit3.py:variant=B,runlocal``):
                          CPU-minutes); 4x4 patches (49 tokens, 3x the step time) 0.8953 after 10
                          epochs and 0.8434 after 2 (7x7 patches: 0.8566, conv stem: 0.8787).
   runlocal               a few steps on synthetic data (smoke test).
-  epochs=N               override the number of epochs (also adapts drop path as in the thesis).
+  epochs=N               override the number of epochs of whichever stage or mode is chosen (IN-1k
+                         400, IN-21k 90, fine-tuning 50 / 20, demo 7, fashion_mnist 40); on IN-1k
+                         it also adapts drop path and weight decay as in the thesis.
   init=DIR               start from a checkpoint: a workdir or `python -m visrep_jax.convert --out`.
   eval_only              evaluate (the init checkpoint, or the workdir's latest) and exit.
 
@@ -124,7 +126,7 @@ def _set_resolution(c, size: str, patch: int, res: int):
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, variant="S", demo=False, runlocal=False, epochs=400,
+  args = config_lib.parse_arg(arg, variant="S", demo=False, runlocal=False, epochs=0,
                               eval_only=False, init="", pretrain="in1k", finetune=False, res=224,
                               fashion_mnist=False)
   if args.variant not in VARIANTS:
@@ -141,14 +143,17 @@ def get_config(arg=None):
   c = config_lib.base_config()
   c.seed = 0
   c.batch_size = 2048
-  c.total_epochs = float(args.epochs)
+  # epochs=0: each stage's default (IN-1k 400, IN-21k 90, fine-tuning 50 / 20, demo 7,
+  # fashion_mnist FASHION_MNIST_EPOCHS); any other value overrides every stage's default.
+  epochs = args.epochs or 400
+  c.total_epochs = float(epochs)
   c.log_every_steps = 100
   c.eval_every_steps = 5000
   c.checkpoint_every_steps = 2000
 
   c.model.name = f"deit3_{size}_patch{patch}_224"
   # Longer schedules: +0.05 drop path every 200 epochs beyond 400 (thesis L2620).
-  extra = max(0, (args.epochs - 400) // 200) * 0.05 if drop_path > 0 or args.epochs > 400 else 0.0
+  extra = max(0, (epochs - 400) // 200) * 0.05 if drop_path > 0 or epochs > 400 else 0.0
   c.model.drop_path_rate = round(drop_path + extra, 3)
 
   c.dataset.name = "imagenet2012"
@@ -161,7 +166,7 @@ def get_config(arg=None):
 
   c.optimizer.name = "lamb"
   c.optimizer.lr = 3e-3
-  c.optimizer.weight_decay = 0.02 if args.epochs <= 400 else 0.05
+  c.optimizer.weight_decay = 0.02 if epochs <= 400 else 0.05
   c.optimizer.eps = 1e-8
   c.optimizer.clip_grad_norm = 1.0
   c.schedule.name = "cosine"
@@ -196,20 +201,20 @@ def get_config(arg=None):
     if not args.finetune:
       c.dataset.name = "imagenet21k"
       c.dataset.eval_split = "val"
-      c.total_epochs = float(args.epochs if args.epochs != 400 else 90)
+      c.total_epochs = float(args.epochs or 90)
       c.model.drop_path_rate = round(
           DROP_PATH_21K[args.variant] + (0.05 if c.total_epochs >= 240 else 0.0), 3)
       c.optimizer.lr = 3e-3
       if res != 224:
         c.model.img_size = res
     else:
-      c.total_epochs = float(args.epochs if args.epochs != 400 else 50)
+      c.total_epochs = float(args.epochs or 50)
       c.model.drop_path_rate = DROP_PATH_21K_FT[args.variant]
       c.optimizer.lr = 3e-4
       _set_resolution(c, size, patch, res)
   elif args.finetune:
     c.batch_size = 512
-    c.total_epochs = float(args.epochs if args.epochs != 400 else 20)
+    c.total_epochs = float(args.epochs or 20)
     c.dataset.repeated_aug = 1
     c.dataset.train_pp = randaugment_pp(res)
     c.dataset.eval_pp = eval_pp(res)
@@ -234,7 +239,7 @@ def get_config(arg=None):
     c.model.drop_path_rate = 0.0
     config_lib.use_fashion_mnist(c, "decode(1)|flip_lr|normalize('fashion_mnist')")
     c.batch_size = 64
-    c.total_epochs = 7.0
+    c.total_epochs = float(args.epochs or 7)
     c.optimizer.name = "adamw"
     c.optimizer.lr = 1.5e-3
     c.optimizer.weight_decay = 0.05
@@ -257,7 +262,7 @@ def get_config(arg=None):
     c.model.name = "deit3_demo_convstem_28"
     c.dataset.train_pp = ("decode(1)|random_crop(28, pad=2, pad_mode='constant')|flip_lr|"
                           "normalize('fashion_mnist')")
-    c.total_epochs = float(args.epochs if args.epochs != 400 else FASHION_MNIST_EPOCHS)
+    c.total_epochs = float(args.epochs or FASHION_MNIST_EPOCHS)
     c.eval_every_steps = 3748
     c.checkpoint_every_steps = 3748
 

@@ -21,7 +21,7 @@ Arguments (``--config=configs/resmlp.py:variant=S24,distillation=hard,teacher=DI
   distillation=none|hard  hard distillation (the thesis does not say whether ResMLP used a
                           distillation token; it has no class token, so: the chapter-3 hard
                           distillation on its single head).
-  teacher=DIR, teacher_model=NAME, epochs=N (400), init=DIR, eval_only
+  teacher=DIR, teacher_model=NAME, epochs=N (400; fashion_mnist 12), init=DIR, eval_only
   fashion_mnist           ResMLP-S12-like on Fashion-MNIST (see below).
   runlocal                a few steps on synthetic data.
 
@@ -67,7 +67,7 @@ def eval_pp(size: int) -> str:
 
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, variant="S12", distillation="none", teacher="",
-                              teacher_model="deit_base_patch16_224", epochs=400, init="",
+                              teacher_model="deit_base_patch16_224", epochs=0, init="",
                               eval_only=False, fashion_mnist=False, runlocal=False)
   if args.variant not in VARIANTS:
     raise config_lib.ConfigError(
@@ -79,7 +79,7 @@ def get_config(arg=None):
   c = config_lib.base_config()
   c.seed = 0
   c.batch_size = 2048
-  c.total_epochs = float(args.epochs)
+  c.total_epochs = float(args.epochs or 400)
   c.log_every_steps = 100
   c.eval_every_steps = 5000
   c.checkpoint_every_steps = 2000
@@ -118,7 +118,7 @@ def get_config(arg=None):
     config_lib.use_fashion_mnist(c, ("decode(1)|random_crop(28, pad=2)|flip_lr|normalize('fashion_mnist')|"
                           "random_erasing(0.25, mode='pixel')"))
     c.batch_size = 128
-    c.total_epochs = 12.0
+    c.total_epochs = float(args.epochs or 12)
     c.optimizer.lr = 5e-3
     c.schedule.warmup_epochs = 1.0
     c.mixup.mixup_alpha = 0.0

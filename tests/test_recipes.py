@@ -128,6 +128,21 @@ def test_every_variant_builds_and_validates(name, tmp_path):
       assert "normalize('fashion_mnist')" in c.dataset.eval_pp and c.total_epochs <= longest
 
 
+@pytest.mark.parametrize("name", CONFIGS)
+def test_epochs_argument_is_never_ignored(name, tmp_path):
+  # Every stage / mode has its own default length, and `epochs=N` overrides each of them (a
+  # fine-tuning or Fashion-MNIST branch must not reset it to its default).
+  for arg in variants(name, tmp_path):
+    if "runlocal" in arg:
+      continue  # a few steps (total_steps), not epochs
+    base = re.sub(r"(^|,)epochs=\d+", "", arg).strip(",")
+    default = load_config(name, base).total_epochs
+    assert default > 0, (name, base)
+    for n in (3, 400):
+      got = load_config(name, f"{base},epochs={n}" if base else f"epochs={n}").total_epochs
+      assert got == float(n), f"configs/{name}.py:{base},epochs={n} trains {got} epochs"
+
+
 @pytest.mark.parametrize("name,arg,message", [
     ("deit", "variant=L", "variant='L' is not valid; choose one of Ti, S, B"),
     ("deit", "distillation=kd",
