@@ -316,7 +316,10 @@ def test_small_image_stem_matches_torchvision():
 
 @pytest.mark.parametrize("shape,k,stride,pad,dilation", [
     ((2, 2, 2, 8), 3, 1, 1, 1), ((2, 1, 1, 8), 3, 1, 1, 1), ((2, 4, 4, 8), 3, 2, 1, 1),
-    ((2, 3, 5, 8), 3, 2, 1, 1), ((2, 4, 4, 8), 3, 1, 2, 2), ((2, 3, 3, 4), 5, 1, 2, 1)])
+    ((2, 3, 5, 8), 3, 2, 1, 1), ((2, 4, 4, 8), 3, 1, 2, 2), ((2, 3, 3, 4), 5, 1, 2, 1),
+    ((2, 2, 2, 8), 3, 2, 1, 1), ((2, 1, 3, 8), 3, 1, 1, 1), ((2, 1, 1, 4), 5, 2, 3, 1),
+    ((2, 1, 1, 4), 3, 4, 3, 1), ((2, 2, 3, 8), 3, 1, 1, 1), ((2, 2, 2, 8), 3, 1, 2, 2),
+    ((2, 3, 2, 8), 5, 2, 2, 1)])
 def test_conv_as_matmul_equals_xla_conv(shape, k, stride, pad, dilation):
   from visrep_jax.models import resnet
   rng = np.random.RandomState(0)
@@ -336,6 +339,27 @@ def test_conv_as_matmul_equals_xla_conv(shape, k, stride, pad, dilation):
   g_ours = jax.grad(lambda x, w: jnp.sum(ours(x, w) ** 2), argnums=(0, 1))(x, w)
   for a, b in zip(g_ours, g_ref):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_as_matmul_skips_taps_that_read_only_padding():
+  from visrep_jax.models import resnet
+  live = resnet._live_taps  # (n, k, stride, pad, dilation) -> kernel offsets along one axis
+  assert live(1, 3, 1, 1, 1) == [1]  # ResNet-18 layer4 at 28px: the centre tap only
+  assert live(2, 3, 2, 1, 1) == [1, 2]  # layer4's strided conv, 2x2 -> 1x1: 2x2 taps
+  assert live(2, 3, 1, 1, 1) == [0, 1, 2]  # a 2x2 map, stride 1: every tap is read
+  assert live(1, 5, 2, 3, 1) == [1, 3]  # wide padding and a stride: a dead tap in the middle
+  assert live(1, 3, 4, 3, 1) == []  # every output sees padding only
+  x = jnp.ones((2, 1, 1, 512))
+  w = jnp.ones((3, 3, 512, 512))
+  dots = [e for e in jax.make_jaxpr(lambda x, w: resnet._conv_as_matmul(x, w, 1, 1, 1))(x, w)
+          .jaxpr.eqns if e.primitive.name == "dot_general"]
+  assert [e.invars[1].aval.shape for e in dots] == [(512, 512)]  # not (9 * 512, 512)
+  # A 2x2 map: every tap is live, so one (4 * C) x (4 * O) product instead of (B*4, 9*C) x O.
+  x = jnp.ones((2, 2, 2, 16))
+  w = jnp.ones((3, 3, 16, 8))
+  dots = [e for e in jax.make_jaxpr(lambda x, w: resnet._conv_as_matmul(x, w, 1, 1, 1))(x, w)
+          .jaxpr.eqns if e.primitive.name == "dot_general"]
+  assert [e.invars[1].aval.shape for e in dots] == [(4 * 16, 4 * 8)]
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
