@@ -59,8 +59,9 @@ Arguments (``--config=configs/deit3.py:variant=B,runlocal``):
                          epochs and 0.8434 after 2 (7x7 patches: 0.8566, conv stem: 0.8787).
   runlocal               a few steps on synthetic data (smoke test).
   epochs=N               override the number of epochs of whichever stage or mode is chosen (IN-1k
-                         400, IN-21k 90, fine-tuning 50 / 20, demo 7, fashion_mnist 40); on IN-1k
-                         it also adapts drop path and weight decay as in the thesis.
+                         400, IN-21k 90, fine-tuning 50 / 20, demo 7, fashion_mnist 40); it also
+                         adapts drop path (IN-1k and IN-21k) and weight decay (IN-1k) as in the
+                         thesis.
   init=DIR               start from a checkpoint: a workdir or `python -m visrep_jax.convert --out`.
   eval_only              evaluate (the init checkpoint, or the workdir's latest) and exit.
 

@@ -319,7 +319,7 @@ def test_small_image_stem_matches_torchvision():
     ((2, 3, 5, 8), 3, 2, 1, 1), ((2, 4, 4, 8), 3, 1, 2, 2), ((2, 3, 3, 4), 5, 1, 2, 1),
     ((2, 2, 2, 8), 3, 2, 1, 1), ((2, 1, 3, 8), 3, 1, 1, 1), ((2, 1, 1, 4), 5, 2, 3, 1),
     ((2, 1, 1, 4), 3, 4, 3, 1), ((2, 2, 3, 8), 3, 1, 1, 1), ((2, 2, 2, 8), 3, 1, 2, 2),
-    ((2, 3, 2, 8), 5, 2, 2, 1)])
+    ((2, 3, 2, 8), 5, 2, 2, 1), ((2, 2, 2, 8), 3, 3, 2, 1), ((2, 3, 2, 8), 3, 3, 3, 2)])
 def test_conv_as_matmul_equals_xla_conv(shape, k, stride, pad, dilation):
   from visrep_jax.models import resnet
   rng = np.random.RandomState(0)
