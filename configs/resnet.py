@@ -25,20 +25,22 @@ Arguments (``--config=configs/resnet.py:variant=18,fashion_mnist``):
   runlocal                a few steps on synthetic data; its workdir is the teacher checkpoint of
                           the configs' runlocal distillation smoke tests.
 
-fashion_mnist: torchvision's ResNet-18 unchanged (7x7/2 stem + max pool: 28x28 -> 7x7 at layer1,
-as the "ResNet18 0.949" entry of the dataset's benchmark), SGD momentum 0.9, lr 0.1 at batch 128,
-wd 5e-4, half an epoch of warmup then cosine to 0 (per step), label smoothing 0.1, random crop
+fashion_mnist: torchvision's ResNet-18 unchanged (7x7/2 stem + max pool: 28x28 -> 7x7 at layer1, as
+the "ResNet18 0.949" entry of the dataset's benchmark), SGD momentum 0.9, lr 0.1 at batch 128, wd
+5e-4, half an epoch of warmup then cosine to 0 (per step), label smoothing 0.1, random crop
 (zero-pad 2) + flip, FASHION_MNIST_EPOCHS = 22 epochs. Measured with
 ``scripts/reproduce_fashion_mnist.py --families=resnet`` (2-core CPU, 2026-11-27): test top-1
 0.9310 in 54.0 CPU-minutes (28.3 min wall; 0.8761 / 0.8949 / 0.8887 / 0.9056 / 0.9072 / 0.9222 /
-0.9314 every 3 epochs). The small-map convolutions of visrep_jax.models.resnet (layer3 and
-layer4 run at 2x2 and 1x1, where most 3x3 taps only read padding) made the step 1.3x faster
-(in-process A/B), which lets 22 epochs fit the budget (before: 0.9255 after 15 epochs in 54.7
-CPU-minutes, measured while other jobs shared the cores). The issue's 0.94 within 60
-CPU-minutes is not reached by this recipe: even 36 epochs (88.5 CPU-minutes) gave 0.9350 (0.9208 / 0.9283 / 0.9339 at epochs 24 /
-30 / 33). Keeping layer1 at 14x14 instead (model option ``stem_pool=False``, batch 256, lr 0.2,
-10 epochs) reached 0.9281 for 113 CPU-minutes (before the small-map convolutions; it costs 4.6x
-the 7x7 model's FLOPs per image, ``models.flops``).
+0.9314 every 3 epochs). Before: 0.9255 after 15 epochs in 54.7 CPU-minutes, measured while other
+jobs shared the cores. The small-map convolutions of visrep_jax.models.resnet (layer3 and layer4
+run at 2x2 and 1x1, where most 3x3 taps only read padding) let 22 epochs fit the budget:
+``scripts/benchmark.py --model=resnet18 --resolution=28 --batch_size=128 --vs-timm
+--timm_model=resnet18`` prints a train JAX/timm ratio of 1.22x with them and printed 0.82x without
+them (commit e139cc3), same machine, idle. The issue's 0.94 within 60 CPU-minutes is not reached by
+this recipe: even 36 epochs (88.5 CPU-minutes) gave 0.9350 (0.9208 / 0.9283 / 0.9339 at epochs 24 /
+30 / 33). Keeping layer1 at 14x14 instead (model option ``stem_pool=False``, batch 256, lr 0.2, 10
+epochs) reached 0.9281 for 113 CPU-minutes (before the small-map convolutions; it costs 4.6x the
+7x7 model's FLOPs per image, ``models.flops``).
 """
 
 from visrep_jax import config_lib

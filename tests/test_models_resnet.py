@@ -349,17 +349,15 @@ def test_conv_as_matmul_skips_taps_that_read_only_padding():
   assert live(2, 3, 1, 1, 1) == [0, 1, 2]  # a 2x2 map, stride 1: every tap is read
   assert live(1, 5, 2, 3, 1) == [1, 3]  # wide padding and a stride: a dead tap in the middle
   assert live(1, 3, 4, 3, 1) == []  # every output sees padding only
-  x = jnp.ones((2, 1, 1, 512))
-  w = jnp.ones((3, 3, 512, 512))
-  dots = [e for e in jax.make_jaxpr(lambda x, w: resnet._conv_as_matmul(x, w, 1, 1, 1))(x, w)
-          .jaxpr.eqns if e.primitive.name == "dot_general"]
-  assert [e.invars[1].aval.shape for e in dots] == [(512, 512)]  # not (9 * 512, 512)
+
+  def matmul_rhs_shapes(x_shape, w_shape):  # 3x3, stride 1, padding 1
+    jaxpr = jax.make_jaxpr(lambda x, w: resnet._conv_as_matmul(x, w, 1, 1, 1))(
+        jnp.ones(x_shape), jnp.ones(w_shape)).jaxpr
+    return [e.invars[1].aval.shape for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+
+  assert matmul_rhs_shapes((2, 1, 1, 512), (3, 3, 512, 512)) == [(512, 512)]  # not 9 * 512 rows
   # A 2x2 map: every tap is live, so one (4 * C) x (4 * O) product instead of (B*4, 9*C) x O.
-  x = jnp.ones((2, 2, 2, 16))
-  w = jnp.ones((3, 3, 16, 8))
-  dots = [e for e in jax.make_jaxpr(lambda x, w: resnet._conv_as_matmul(x, w, 1, 1, 1))(x, w)
-          .jaxpr.eqns if e.primitive.name == "dot_general"]
-  assert [e.invars[1].aval.shape for e in dots] == [(4 * 16, 4 * 8)]
+  assert matmul_rhs_shapes((2, 2, 2, 16), (3, 3, 16, 8)) == [(4 * 16, 4 * 8)]
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
