@@ -60,12 +60,26 @@ def test_unknown_family_is_an_error(capsys):
 def test_smoke_run_writes_the_table(tmp_path):
   mod = _script()
   out = tmp_path / "fm"
+  # A family finished earlier into the same --out keeps its row; one without a final eval
+  # (interrupted before evaluating) has none.
+  (out / "resnet").mkdir(parents=True)
+  (out / "resnet" / "timing.json").write_text(json.dumps({"wall_s": 1698.0, "cpu_s": 3240.0}))
+  (out / "resnet" / "metrics.jsonl").write_text(
+      json.dumps({"step": 100, "train/loss": 0.5}) + "\n"
+      + json.dumps({"step": 10318, "eval/top1": 0.931}) + "\n")
+  (out / "cait").mkdir()
+  (out / "cait" / "timing.json").write_text(json.dumps({"wall_s": 60.0, "cpu_s": 120.0}))
+  (out / "cait" / "metrics.jsonl").write_text(json.dumps({"step": 100, "train/loss": 0.5}) + "\n")
   results = mod.main(["--families=deit3", f"--out={out}", "--smoke"])
   assert [r["family"] for r in results] == ["deit3"]
   r = results[0]
   assert r["step"] == 3 and 0.0 <= r["top1"] <= 1.0 and r["cpu_s"] > 0 and r["wall_s"] > 0
   table = (out / "fashion_mnist.md").read_text()
   assert "| deit3 |" in table and "ResNet18" in table
+  assert ("| resnet (earlier run) | ResNet-18, SGD recipe | 0.9310 | >= 0.94 (NOT met) | 28.3 | "
+          "54.0 |") in table
+  assert table.index("| deit3 |") < table.index("| resnet (earlier run) |")
+  assert "| cait" not in table
   # Rerunning resumes the finished run (no retraining) and accumulates the timing.
   again = mod.main(["--families=deit3", f"--out={out}", "--smoke"])
   assert again[0]["step"] == 3 and again[0]["wall_s"] > r["wall_s"]
