@@ -115,6 +115,39 @@ def test_padding_changes_nothing_through_backbone_and_head(head):
   assert not np.allclose(outs[0][(False, "ema")][0], outs[0][(False, "support")][0], atol=1e-3)
 
 
+def test_training_batchnorm_uses_support_statistics_only():
+  """Training-mode BatchNorm is not transductive (Meta-Dataset's default): queries are
+  normalised with the support set's statistics, so changing one query's image changes no other
+  query's logits, and the running statistics move exactly as for the support images alone."""
+  backbone = models.create("resnet18", num_classes=0, width=8, stage_sizes=(1, 1, 1, 1),
+                           stem_kernel=3, stem_stride=1, stem_pool=False)
+  rng = np.random.default_rng(1)
+  n_s, n_q = 4, 4
+  imgs = rng.integers(0, 256, size=(n_s + n_q, 16, 16, 1)).astype(np.uint8)
+  v = backbone.init(jax.random.PRNGKey(0), jnp.zeros((2, 16, 16, 1)), train=False)
+  params, model_state = {"backbone": v["params"]}, {"batch_stats": v["batch_stats"]}
+
+  def run(images):
+    ep = {"images": images, "support_labels": np.array([0, 0, 1, 1], np.int32),
+          "support_mask": np.ones(n_s, bool), "query_labels": np.array([0, 1, 0, 1], np.int32),
+          "query_mask": np.ones(n_q, bool)}
+    logits, upd = episodic.episode_logits(backbone, None, params, model_state, ep, 2, n_s,
+                                          train=True)
+    return np.asarray(logits), upd
+
+  logits, upd = run(imgs)
+  other = imgs.copy()
+  other[-1] = 255 - other[-1]
+  logits2, upd2 = run(other)
+  np.testing.assert_allclose(logits2[:-1], logits[:-1], rtol=1e-5, atol=1e-5)
+  assert not np.allclose(logits2[-1], logits[-1], atol=1e-3)  # the changed query itself moves
+  _, ref = backbone.apply(v, episodic.normalize_images(imgs[:n_s]), train=True,
+                          mutable=["batch_stats"])
+  for a, b, c in zip(jax.tree.leaves(upd), jax.tree.leaves(upd2), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 @requires_fashion_mnist
 def test_episode_stream_is_a_function_of_the_index(mini_dir):
   c = load_config("ctx", f"variant=ctx,runlocal,data={mini_dir}")

@@ -14,6 +14,9 @@ end (and with ``eval_only``), ``num_test_episodes`` (600) test episodes per test
 mean accuracy and Meta-Dataset's 95% confidence interval, written to ``workdir/fewshot_test.json``
 and printed as a table.
 
+BatchNorm in training: statistics of the episode's real support images, with which the
+queries are normalised too (Meta-Dataset's ``MetricLearner`` with its default
+``transductive_batch_norm=False``); the running statistics move with the support statistics.
 BatchNorm at test time (``config.fewshot.bn_test_mode``): ``ema`` (running statistics, the
 paper's default) or ``support`` (statistics of the episode's support set, the Table 1 ablation).
 
@@ -121,15 +124,16 @@ def episode_forward(backbone, head, params, model_state, batch, num_ways: int, n
   first), new BatchNorm statistics)."""
   images = normalize_images(batch["images"])
   support_mask = batch["support_mask"]
-  if train:
-    bn_mask = jnp.concatenate([support_mask, batch["query_mask"]])
-    fmap, upd = _features(backbone, {"params": params["backbone"], **model_state}, images, True,
-                          bn_mask)
-  elif bn_mode == "support":
+  if train or bn_mode == "support":
+    # BatchNorm statistics of the real support images only, applied to every image: queries
+    # are normalised with the support set's moments (Meta-Dataset's non-transductive default,
+    # ``transductive_batch_norm=False``; gradients flow through the moments), so no query's
+    # logits depend on another query. Training also moves the running statistics with them.
     bn_mask = jnp.concatenate([support_mask, jnp.zeros_like(batch["query_mask"])])
     fmap, upd = _features(backbone, {"params": params["backbone"], **model_state}, images, True,
                           bn_mask)
-    upd = {}
+    if not train:
+      upd = {}
   else:
     fmap, upd = _features(backbone, {"params": params["backbone"], **model_state}, images, False,
                           None)
