@@ -162,6 +162,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.episodes.max_log_weight = 0.69314718055994529   # log(2)
   c.episodes.min_examples_in_class = 0
   c.episodes.ignore_hierarchy_probability = 0.0  # CrossTransformers: 0.5 (half uniform classes)
+  # Sample ILSVRC's classes uniformly instead of from a node of its DAG / Omniglot's without
+  # picking an alphabet first (the official EpisodeDescriptionConfig fields). Fixed ways
+  # (num_ways > 0) switch both off by themselves, and min_examples_in_class > 0 the bi-level
+  # one: the official sampler refuses those combinations.
+  c.episodes.ignore_dag_ontology = False
+  c.episodes.ignore_bilevel_ontology = False
   c.episodes.augment = "none"      # visrep_jax.data.episode_augment.parse spec
   c.episodes.num_valid_episodes = 100
   c.episodes.num_test_episodes = 600
@@ -379,6 +385,26 @@ def _validate_episodic(config):
     _check(isinstance(e[key], int) and e[key] >= 0,
            f"config.episodes.{key} must be an integer >= 0 (0: variable / off), got {e[key]!r}.")
   _check(e.channels in (1, 3), f"config.episodes.channels must be 1 or 3, got {e.channels!r}.")
+  _check(isinstance(e.min_examples_in_class, int) and e.min_examples_in_class >= 0,
+         f"config.episodes.min_examples_in_class must be an integer >= 0, got "
+         f"{e.min_examples_in_class!r}.")
+  if not e.num_ways:
+    _check(e.min_ways <= e.max_ways_upper_bound,
+           f"config.episodes.min_ways ({e.min_ways}) must not exceed max_ways_upper_bound "
+           f"({e.max_ways_upper_bound}).")
+  if not e.num_support:
+    _check(e.max_support_set_size >= (e.num_ways or e.max_ways_upper_bound),
+           f"config.episodes.max_support_set_size ({e.max_support_set_size}) is below the "
+           f"number of ways ({e.num_ways or e.max_ways_upper_bound}): an episode needs one "
+           "support image per class; raise it or lower max_ways_upper_bound.")
+    _check(isinstance(e.max_support_size_contrib_per_class, int)
+           and e.max_support_size_contrib_per_class > 0,
+           "config.episodes.max_support_size_contrib_per_class must be a positive integer, got "
+           f"{e.max_support_size_contrib_per_class!r}.")
+    _check(_finite_number(e.min_log_weight) and _finite_number(e.max_log_weight)
+           and e.min_log_weight <= e.max_log_weight,
+           f"config.episodes.min_log_weight ({e.min_log_weight!r}) must be a finite number "
+           f"<= max_log_weight ({e.max_log_weight!r}) (official: log(0.5), log(2)).")
   _check(0.0 <= e.ignore_hierarchy_probability <= 1.0,
          "config.episodes.ignore_hierarchy_probability must be in [0, 1].")
   from visrep_jax.data import episode_augment

@@ -69,8 +69,16 @@ BN_TEST_MODES = ("ema", "support")
 
 
 def descr_config(e, fixed: bool = True) -> episodes_lib.EpisodeDescriptionConfig:
-  """``EpisodeDescriptionConfig`` from ``config.episodes`` (0 = variable for ways/shots/query)."""
+  """``EpisodeDescriptionConfig`` from ``config.episodes`` (0 = variable for ways/shots/query).
+
+  Fixed ways ignore ILSVRC's DAG and Omniglot's alphabets, and ``min_examples_in_class`` > 0
+  the alphabets (the official sampler refuses these combinations and would need
+  ``ignore_dag_ontology`` / ``ignore_bilevel_ontology`` set by hand), so fixed 5-way episodes
+  run on every source."""
   return episodes_lib.EpisodeDescriptionConfig(
+      ignore_dag_ontology=bool(e.ignore_dag_ontology or e.num_ways),
+      ignore_bilevel_ontology=bool(e.ignore_bilevel_ontology or e.num_ways
+                                   or e.min_examples_in_class),
       num_ways=e.num_ways or None, num_support=e.num_support or None,
       num_query=e.num_query or None, min_ways=e.min_ways,
       max_ways_upper_bound=e.max_ways_upper_bound, max_num_query=e.max_num_query,
