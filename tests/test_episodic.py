@@ -44,6 +44,90 @@ def test_config_errors():
     config_lib.validate(c)
   with pytest.raises(ConfigError, match="variant="):
     load_config("ctx", "variant=maml")
+  # Episode bounds the sampler would only reject at the first episode (in the input thread).
+  for key, value, match in (
+      ("min_ways", 60, r"min_ways \(60\) must not exceed max_ways_upper_bound \(50\)"),
+      ("max_support_set_size", 20, r"max_support_set_size \(20\) is below the number of ways"),
+      ("max_support_size_contrib_per_class", 0, "max_support_size_contrib_per_class"),
+      ("min_log_weight", 1.0, "min_log_weight"),
+      ("min_examples_in_class", -1, "min_examples_in_class")):
+    c = load_config("ctx", "variant=ctx")
+    c.episodes.data_dir = "/md"
+    c.episodes[key] = value
+    with pytest.raises(ConfigError, match=match):
+      config_lib.validate(c)
+  # Fixed ways need no bound of the variable mode.
+  c = load_config("ctx", "variant=ctx")
+  c.episodes.data_dir = "/md"
+  c.episodes.num_ways, c.episodes.num_support, c.episodes.num_query = 5, 1, 15
+  c.episodes.min_ways, c.episodes.max_support_set_size = 60, 1
+  config_lib.validate(c)
+
+
+def _write_source(directory, spec, images_per_class):
+  """Class files of ``spec`` (tiny black PNGs) and its dataset_spec.json in ``directory``."""
+  import tensorflow as tf
+  from visrep_jax.data import meta_dataset as md, md_convert
+  img = md_convert.encode_image(np.zeros((8, 8, 3), np.uint8))
+  for c in range(spec.num_classes if hasattr(spec, "num_classes") else
+                 sum(spec.classes_per_superclass.values())):
+    with tf.io.TFRecordWriter(md.class_record_path(spec, c)) as w:
+      for _ in range(images_per_class):
+        w.write(md_convert.serialize_example(img, c))
+  md.save_dataset_spec(spec)
+
+
+def test_fixed_way_episodes_run_on_hierarchical_and_bilevel_sources(tmp_path):
+  """5-way 1-shot 15-query episodes open ILSVRC (DAG) and Omniglot (alphabets) sources: the
+  ontologies are switched off for fixed ways, as for min_examples_in_class on Omniglot; with
+  variable ways they stay on."""
+  from visrep_jax.data import meta_dataset as md
+  S = md.Synset
+
+  def tree(prefix, groups, leaves):
+    root, nodes = S(prefix + "root"), set()
+    nodes.add(root)
+    for i in range(groups):
+      g = S(f"{prefix}g{i}")
+      root.children.add(g), g.parents.add(root), nodes.add(g)
+      for j in range(leaves):
+        leaf = S(f"{prefix}n{i}{j:02d}")
+        g.children.add(leaf), leaf.parents.add(g), nodes.add(leaf)
+    return nodes
+
+  ilsvrc = str(tmp_path / "ilsvrc_2012")
+  os.makedirs(ilsvrc)
+  graphs = {md.Split.TRAIN: tree("a", 2, 6), md.Split.VALID: tree("b", 1, 6),
+            md.Split.TEST: tree("c", 1, 6)}
+  _write_source(ilsvrc, md.make_hierarchical_spec(
+      "ilsvrc_2012", graphs, {n.wn_id: 20 for g in graphs.values() for n in md.get_leaves(g)},
+      ilsvrc), 20)
+  omniglot = str(tmp_path / "omniglot")
+  os.makedirs(omniglot)
+  _write_source(omniglot, md.BiLevelDatasetSpecification(
+      "omniglot", {md.Split.TRAIN: 2, md.Split.VALID: 1, md.Split.TEST: 1},
+      {k: 6 for k in range(4)}, {c: 20 for c in range(24)}, {k: f"a{k}" for k in range(4)},
+      {c: f"c{c}" for c in range(24)}, omniglot, "{}.tfrecords"), 20)
+
+  def open_source(path, **episodes):
+    c = config_lib.base_config()
+    c.episodes.update(episodes)
+    return ep_lib.EpisodeSource(path, "test", episodic.descr_config(c.episodes), 8,
+                                use_hierarchy=True)
+
+  for path in (ilsvrc, omniglot):
+    src = open_source(path, num_ways=5, num_support=1, num_query=15)
+    assert not (src.sampler.use_dag_hierarchy or src.sampler.use_bilevel_hierarchy)
+    ep = src.sample(0)
+    assert ep["num_ways"] == 5 and int(np.sum(ep["support_mask"])) == 5
+    assert int(np.sum(ep["query_mask"])) == 75
+  assert open_source(ilsvrc, min_ways=5).sampler.use_dag_hierarchy
+  assert open_source(omniglot, min_ways=5).sampler.use_bilevel_hierarchy
+  src = open_source(omniglot, min_ways=5, min_examples_in_class=10)
+  assert not src.sampler.use_bilevel_hierarchy and src.sample(0)["num_ways"] >= 5
+  # Set by hand, the ignore switches turn the ontologies off for variable ways too.
+  assert not open_source(ilsvrc, ignore_dag_ontology=True).sampler.use_dag_hierarchy
+  assert not open_source(omniglot, ignore_bilevel_ontology=True).sampler.use_bilevel_hierarchy
 
 
 def test_recipe_values_follow_the_paper():
