@@ -13,8 +13,9 @@ step is printed for the configurations
   plain           the attention tensor [Q, 196, S, 196] of the whole query batch, stored for the
                   backward
   remat           the fused backward (fewshot.ctx_attend_fused, the default remat_impl): only
-                  the class log-sum-exps and aligned prototypes are kept; the backward
-                  recomputes the attention (q k^T only), formed once there
+                  the class log-sum-exps (and the aligned prototypes, if they are no larger
+                  than one chunk's attention) are kept; the backward recomputes the attention
+                  (q k^T, and p v for the prototypes not kept), formed once there
   ckpt            remat_impl='checkpoint': jax.checkpoint around the attention, whose backward
                   recomputes the whole attention forward
   chunkK          K queries at a time (lax.map) without remat: the forward is chunked, but every

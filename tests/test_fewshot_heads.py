@@ -267,10 +267,24 @@ def test_ctx_remat_and_chunking_change_no_value_and_no_gradient(remat, impl, chu
   assert ("scan" in text) == (chunk is not None)
 
 
+def test_ctx_fused_keeps_prototypes_only_when_they_fit_in_one_chunk():
+  # (queries, chunk, ways, value dim, support images, support positions): the training episode
+  # of the benchmark (50 queries, 50 ways, 500 support, 14x14, 5-query chunks) keeps them;
+  # 500 padded queries (Meta-Dataset's bound) or 500 SimCLR ways recompute them.
+  assert fewshot._keeps_prototypes(50, 5, 50, 128, 500, 196)
+  assert not fewshot._keeps_prototypes(500, 5, 50, 128, 500, 196)
+  assert not fewshot._keeps_prototypes(500, 5, 500, 128, 500, 196)
+  assert fewshot._keeps_prototypes(500, None, 500, 128, 500, 196)  # no chunks: all of a
+  assert not fewshot._keeps_prototypes(10, None, 500, 128, 500, 49)  # 7x7: e > M
+
+
+@pytest.mark.parametrize("keep", [True, False])
 @pytest.mark.parametrize("chunk", [None, 1, 2, 3])
-def test_ctx_fused_backward_equals_autodiff_in_float64(chunk):
+def test_ctx_fused_backward_equals_autodiff_in_float64(chunk, keep, monkeypatch):
   # Variable shots (2, 3, 2), a class without support, padded entries holding NaN and an
-  # out-of-range label, 5 queries (padded last chunk for 2 and 3); every input's gradient.
+  # out-of-range label, 5 queries (padded last chunk for 2 and 3); every input's gradient;
+  # the aligned prototypes kept for the backward or recomputed there.
+  monkeypatch.setattr(fewshot, "_keeps_prototypes", lambda *shapes: keep)
   with jax.enable_x64(True):
     query, support = _episode(seed=11, num_query=5, dtype=np.float64)
     support[~MASK] = np.nan
@@ -294,6 +308,14 @@ def test_ctx_fused_backward_equals_autodiff_in_float64(chunk):
       np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
     assert np.all(np.asarray(g1[2])[~MASK] == 0)  # padded support: zero gradient
     assert np.any(np.abs(np.asarray(g1[2])[MASK]) > 1e-3)
+    # The residuals hold the prototypes [Q, P, C, e] exactly when they are kept.
+    f = jnp.asarray
+    _, res = fewshot._ctx_fused_fwd(f(query[:, :2, 0, :3]), f(query[:, :2, 0, :2]),
+                                    f(support[:, :3, 0, :3]), f(support[:, :3, 0, :2]), LABELS,
+                                    f(MASK), NUM_CLASSES, 0.5, NO_SUPPORT, chunk, None)
+    assert (res[-1] is not None) == keep
+    if keep:
+      assert res[-1].shape == (5, 2, NUM_CLASSES, 2)
 
 
 def test_ctx_fused_backward_keeps_input_dtypes_and_checks_its_options():

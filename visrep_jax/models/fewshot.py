@@ -162,13 +162,34 @@ def _ctx_block(q, w, k, v, labels, valid, num_classes: int, scale: float,
 
   # Eq. (2): query-aligned prototypes t[n, p, c] = sum_{s in c, m} softmax(a) v_sm.
   u = jnp.einsum("npsm,sme->npse", e, v, precision=precision)                   # [n, P, S, e]
-  t = jnp.einsum("npse,sc->npce", u * beta[..., None], one_hot, precision=precision)
+  t = _class_sum(u * beta[..., None], seg, num_classes)                         # [n, P, C, e]
 
   # Eq. (3): mean over query positions of the squared Euclidean distance; logits = -d.
   dist = jnp.mean(jnp.sum(jnp.square(w[:, :, None, :] - t), axis=-1), axis=1)   # [n, C]
   logits = jnp.where(has_support[None, :], -dist, jnp.asarray(no_support_logit, f32))
   lse = jax.lax.stop_gradient(max_cls + jnp.log(z_cls))                         # [n, P, C]
   return logits, (e, beta), lse, t
+
+
+def _class_sum(x, seg, num_classes: int):
+  """x [n, P, S, e] summed over the support images of each class -> [n, P, C, e]; ``seg`` [S]
+  holds each image's class, ``num_classes`` for padding (dropped). A segment sum, as the
+  official ``unsorted_segment_sum``: O(S e) per query position, where a product with the
+  one-hot labels costs O(S C e), 2.6x the q k^T matmul itself when every support image is its
+  own class (SimCLR episodes: C = S = 500, 14x14 maps); on this CPU 190 vs 500 ms for a 5-query
+  chunk of that episode, and 112 vs 139 ms at 50 ways."""
+  out = jax.ops.segment_sum(jnp.moveaxis(x, 2, 0), seg, num_segments=num_classes)
+  return jnp.moveaxis(out, 0, 2)
+
+
+def _keeps_prototypes(n: int, chunk_size: Optional[int], num_classes: int, value_dim: int,
+                      num_support: int, support_positions: int) -> bool:
+  """Whether ``ctx_attend_fused`` keeps the aligned prototypes t [n, P, C, e] for the backward
+  (saving one matmul there) or recomputes them chunk by chunk: kept only when they take no more
+  memory than one chunk's attention [chunk, P, S, M], so that the residuals never dominate the
+  peak (500 padded queries of a 500-way SimCLR episode would otherwise keep 23 GiB of t)."""
+  chunk = n if chunk_size is None else min(chunk_size, n)
+  return n * num_classes * value_dim <= chunk * num_support * support_positions
 
 
 def ctx_attend(queries, query_values, keys, values, support_labels, valid, num_classes: int,
@@ -217,17 +238,19 @@ def ctx_attend_fused(queries, query_values, keys, values, support_labels, valid,
   """``ctx_attend``'s logits [n, C] with a hand-written, memory-saving backward pass.
 
   The forward runs ``chunk_size`` queries at a time and keeps, besides the inputs, only each
-  class's log-sum-exp [n, P, C] and the aligned prototypes t [n, P, C, e] (~ C * e / (S * M) of
-  the attention's size: 6.5% for 50 ways x 500 support images at 14x14, e = 128). The backward
-  recomputes the attention chunk by chunk, normalised directly with the saved log-sum-exp, as
-  flash attention does: with dt the gradient of the prototypes, D_c = dt_c . t_c and
-  p = softmax, dv = p^T dt, dp = dt v^T, da = p (dp - D), dq = da k tau^-1, dk = da^T q tau^-1.
-  It recomputes one matmul (q k^T) where jax.checkpoint recomputes the whole forward (q k^T,
-  e v and the class contraction), so it costs ~1.15x the plain step's head arithmetic instead
-  of ~1.35x, with about the peak memory of jax.checkpoint + chunking (one chunk's attention, x3
-  in the backward: 2.5 vs 2.2 GiB for the episode above at 5-query chunks). Values and gradients
-  equal autodiff's up to float rounding (tested). Reverse mode only: forward-mode autodiff
-  (jax.jvp, jacfwd, hessian) of a custom_vjp is an error; use remat_impl='checkpoint' for it.
+  class's log-sum-exp [n, P, C] and, when they take no more memory than one chunk's attention
+  (``_keeps_prototypes``), the aligned prototypes t [n, P, C, e] (their size is
+  n C e / (chunk S M) of one chunk's attention: 0.65 for 50 queries, 50 ways x 500 support
+  images at 14x14, e = 128 and 5-query chunks). The backward recomputes the attention chunk by
+  chunk, normalised directly with the saved log-sum-exp, as flash attention does: with dt the
+  gradient of the prototypes, D_c = dt_c . t_c and p = softmax, dv = p^T dt, dp = dt v^T,
+  da = p (dp - D), dq = da k tau^-1, dk = da^T q tau^-1. With t kept it recomputes one matmul
+  (q k^T), otherwise two (q k^T, p v, and the class sum), where jax.checkpoint recomputes the
+  whole forward and differentiates it by autodiff; the peak memory is about that of
+  jax.checkpoint + chunking (one chunk's attention, x3 in the backward). Values and gradients
+  equal autodiff's up to float rounding (tested, both ways). Reverse mode only: forward-mode
+  autodiff (jax.jvp, jacfwd, hessian) of a custom_vjp is an error; use
+  remat_impl='checkpoint' for it.
   """
   _check_chunk_size(chunk_size)
   return _ctx_fused_fwd(queries, query_values, keys, values, support_labels, valid,
@@ -246,11 +269,16 @@ def _ctx_fused_fwd(queries, query_values, keys, values, support_labels, valid, n
                                    scale, no_support_logit, precision)
     return logits, lse, t
 
+  keep_t = _keeps_prototypes(n, chunk_size, num_classes, v.shape[-1], k.shape[0], k.shape[1])
+  if not keep_t:
+    block = (lambda f: lambda qw: f(qw)[:2])(block)
   if chunk_size is None or chunk_size >= n:
-    logits, lse, t = block((q, w))
+    out = block((q, w))
   else:
     out = jax.lax.map(block, (_split_chunks(q, chunk_size), _split_chunks(w, chunk_size)))
-    logits, lse, t = (_merge_chunks(o, n) for o in out)
+    out = tuple(_merge_chunks(o, n) for o in out)
+  logits, lse = out[:2]
+  t = out[2] if keep_t else None
   residuals = (queries, query_values, keys, values, support_labels, valid, lse, t)
   return logits, residuals
 
@@ -268,12 +296,18 @@ def _ctx_fused_bwd(num_classes, scale, no_support_logit, chunk_size, precision, 
   scale = jnp.asarray(scale, f32)
   mask = valid[None, None, :, None]
 
+  seg = jnp.where(valid, labels, num_classes)
+
   def block(carry, xs):
     dk, dv = carry
-    qc, wc, lse_c, t_c, g_c = xs
+    qc, wc, lse_c, g_c = xs[:4]
     a = jnp.einsum("npd,smd->npsm", qc, k, precision=precision) * scale
     lse_s = jnp.take(lse_c, labels, axis=-1)                                    # [n, P, S]
     p = jnp.where(mask, jnp.exp(a - lse_s[..., None]), 0.0)                      # softmax
+    if t is None:  # recompute this chunk's aligned prototypes (see _keeps_prototypes)
+      t_c = _class_sum(jnp.einsum("npsm,sme->npse", p, v, precision=precision), seg, num_classes)
+    else:
+      t_c = xs[4]
     # logits = -mean_p sum_e (w - t)^2 (classes with support).
     dt = (2.0 / positions) * g_c[:, None, :, None] * (wc[:, :, None, :] - t_c)   # [n, P, C, e]
     dw = -jnp.sum(dt, axis=2)
@@ -287,10 +321,11 @@ def _ctx_fused_bwd(num_classes, scale, no_support_logit, chunk_size, precision, 
     return (dk, dv), (dq, dw)
 
   zeros = (jnp.zeros_like(k), jnp.zeros_like(v))
+  per_query = (q, w, lse, g) + (() if t is None else (t,))
   if chunk_size is None or chunk_size >= n:
-    (dk, dv), (dq, dw) = block(zeros, (q, w, lse, t, g))
+    (dk, dv), (dq, dw) = block(zeros, per_query)
   else:
-    xs = tuple(_split_chunks(x, chunk_size) for x in (q, w, lse, t, g))
+    xs = tuple(_split_chunks(x, chunk_size) for x in per_query)
     (dk, dv), (dq, dw) = jax.lax.scan(block, zeros, xs)
     dq, dw = _merge_chunks(dq, n), _merge_chunks(dw, n)
   return (dq.astype(queries.dtype), dw.astype(query_values.dtype), dk.astype(keys.dtype),
@@ -335,14 +370,16 @@ class CrossTransformer(nn.Module):
   alone still stores every chunk's attention for the backward; remat alone still forms the
   whole tensor once in the backward); the official learner does the equivalent with one query
   per step (``rematerialize=True``). ``remat_impl``: 'fused' (default) is ``ctx_attend_fused``,
-  a hand-written backward that keeps only the class log-sum-exps and the aligned prototypes and
-  recomputes only q k^T, chunk by chunk; 'checkpoint' wraps each chunk's attention in
-  jax.checkpoint, whose backward re-runs the whole attention forward (three matmuls).
-  scripts/benchmark_ctx_memory.py, XLA CPU, 50-way / 500 support / 50 queries at 14x14x512,
-  temporary memory of the train step: plain 20.2 GiB, chunk 5 8.0, fused remat + chunk 5 2.5
-  (8.1x less), checkpoint remat + chunk 5 2.2 (9.1x). Step time (CPU, 20-way / 100 support /
-  20 queries): fused remat + chunk 5 0.73x plain, checkpoint remat + chunk 5 0.82x; without
-  chunks fused 0.98x, checkpoint 1.16x. So set ``query_chunk_size`` whenever ``remat`` is on.
+  a hand-written backward that keeps only the class log-sum-exps (and the aligned prototypes
+  when they fit in one chunk's attention) and recomputes q k^T (and p v otherwise), chunk by
+  chunk; 'checkpoint' wraps each chunk's attention in jax.checkpoint, whose backward re-runs
+  the whole attention forward. scripts/benchmark_ctx_memory.py, XLA CPU, 50-way / 500 support /
+  50 queries at 14x14x512, temporary memory of the train step: plain 20.2 GiB, chunk 5 8.1,
+  fused remat + chunk 5 2.5 (8.1x less), checkpoint remat + chunk 5 2.2 (9.1x); 500 queries:
+  plain 201 GiB, fused + chunk 5 2.06 (2.09 with 500 SimCLR ways), checkpoint + chunk 5 2.34.
+  Step time (CPU, 10 of those queries): fused remat + chunk 5 0.85x plain, checkpoint remat +
+  chunk 5 0.94x; without chunks fused 0.94x, checkpoint 1.16x. So set ``query_chunk_size``
+  whenever ``remat`` is on.
   Neither changes a value or a gradient (up to float rounding of reordered sums).
 
   Ambiguities (spec crosstransformers.md §1.3 and §8) and the choices made:
