@@ -19,6 +19,12 @@ Writes two sources in the Meta-Dataset format (``meta_dataset``; each a director
     test    Shirt (6), Ankle boot (9)                               8, 9
     ======  =====================================================  =========
 
+    With two classes in each of valid and test, Fashion-MNIST episodes outside training are
+    2-way (``configs/ctx.py:mini`` lowers ``min_ways`` to 2 for that): Meta-Dataset's default
+    ``min_ways=5`` and fixed 5-way episodes run on ``digits`` and the Fashion-MNIST train split
+    only (``test_sources=['digits']``). Ten classes leave no wider split that keeps six for
+    training, and no other offline data would make a valid split without leaking a test domain.
+
 ``DIR/digits``
     scikit-learn's bundled handwritten digits (``sklearn.datasets.load_digits``: 1,797 8x8 images
     with values 0-16, 174-183 per class) as an unseen, test-only domain: all 10 classes (``0`` ..
