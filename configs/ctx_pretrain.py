@@ -117,6 +117,9 @@ def get_config(arg=None):
   c.model.name = "resnet34"
   c.model.drop_path_rate = 0.0
   c.model.replace_stride_with_dilation = (False, False, False)
+  # The official ResNet-34 (meta-dataset functional_backbones, resnet34_stride16.gin) projects
+  # the shortcut of the first block of every stage, layer1's included (torchvision does not).
+  c.model.downsample_first_stage = True
 
   d = c.dataset
   d.name = "meta_dataset:ilsvrc_2012"

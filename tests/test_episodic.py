@@ -145,6 +145,10 @@ def test_recipe_values_follow_the_paper():
   pn = load_config("protonet", "simclr,bn=support")
   assert pn.fewshot.head == "protonet" and pn.fewshot.bn_test_mode == "support"
   assert pn.episodes.augment.startswith("simclr_episodes") and pn.schedule.decay_steps == 1000
+  # The official ResNet-34's layer1 projection shortcut, in both phases (init= must match).
+  for name, arg in (("ctx", "variant=ctx"), ("protonet", ""), ("ctx_pretrain", ""),
+                    ("ctx", "variant=ctx,mini"), ("ctx_pretrain", "mini")):
+    assert load_config(name, arg).model.downsample_first_stage is True, (name, arg)
   # The mini benchmark's schedule (5x shorter) keeps SimCLR's doubling, for ProtoNets as for CTX.
   assert load_config("protonet", "mini").schedule.decay_steps == 100
   assert load_config("protonet", "simclr,mini").schedule.decay_steps == 200
