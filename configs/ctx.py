@@ -13,7 +13,10 @@ Arguments:
   variant=protonet|ctx|ctx_simclr|ctx_simclr_aug|ctx_simclr_aug_lr   (default ctx_simclr_aug)
   data=DIR        converted Meta-Dataset sources (default: $META_DATASET_DIR).
   init=DIR        supervised pre-trained backbone: a configs/ctx_pretrain.py workdir (its best/
-                  linear-probe checkpoint) or a converted checkpoint.
+                  linear-probe checkpoint) or a converted checkpoint. The backbone is the
+                  official ResNet-34, with a projection shortcut in layer1's first block: a
+                  torchvision-layout checkpoint (or a workdir of these configs from before
+                  2026-11-27) needs --config.model.downsample_first_stage=False.
   eval_only       only the test episodes of the workdir's checkpoint (or init).
   bn=ema|support  BatchNorm statistics at test time (paper default ema).
   mini            the offline mini benchmark (built on first use under workdirs/md_mini).
@@ -134,7 +137,8 @@ def get_config(arg=None):
   # Both, for the 500-support 14x14 episodes: remat alone still forms the whole attention tensor
   # once in the backward; with 5-query chunks the step needs 8x less temporary memory
   # (scripts/benchmark_ctx_memory.py). remat uses the fused backward (fewshot.ctx_attend_fused,
-  # config.fewshot.remat_impl), which recomputes only q k^T.
+  # config.fewshot.remat_impl), which recomputes q k^T, and p v where the aligned prototypes
+  # are larger than one chunk's attention (500 padded queries: 2.1 GiB instead of 4.8-26 GiB).
   f.remat = True
   f.query_chunk_size = 5
   # +LR: test-time logistic regression (lambda 5, C 10) and the unweighted auxiliary loss.

@@ -22,6 +22,9 @@ step is printed for the configurations
                   chunk's attention is kept for the backward
   remat+chunkK    fused backward, K queries at a time in both passes: peak ~ one chunk's
                   attention (the official ``rematerialize=True`` does this with K = 1)
+  remat+chunkK+recompute  the same, the aligned prototypes recomputed in the backward (what
+                  the fused backward does when they exceed one chunk's attention, e.g. for
+                  Meta-Dataset's 500 padded queries; at 50 queries it keeps them)
   ckpt+chunkK     jax.checkpoint per chunk of K queries
 
 with the ratio of temporary memory plain / config (issue target: >= 3x with remat). Numbers are
@@ -74,6 +77,10 @@ def configurations(chunks):
   for k in chunks:
     out[f"chunk{k}"] = dict(remat=False, query_chunk_size=k)
     out[f"remat+chunk{k}"] = dict(remat=True, query_chunk_size=k)
+    # The fused backward that recomputes the aligned prototypes, as in training steps whose
+    # prototypes exceed one chunk's attention (500 padded queries).
+    out[f"remat+chunk{k}+recompute"] = dict(remat=True, query_chunk_size=k,
+                                             keep_prototypes=False)
     out[f"ckpt+chunk{k}"] = dict(remat=True, remat_impl="checkpoint", query_chunk_size=k)
   return out
 

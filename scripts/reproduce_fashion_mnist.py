@@ -4,8 +4,9 @@ Trains ``configs/<family>.py:fashion_mnist`` for every family asked for (each in
 process and workdir, so a finished run is skipped and an interrupted one resumes), then writes
 a Markdown table of test top-1 with wall-clock and CPU time beside the published Fashion-MNIST
 benchmark (the table of the dataset's README, which Debian ships with the data). Families run
-earlier into the same ``--out`` (and not asked for now) keep their rows in the table, marked
-"earlier run", so running the families one at a time builds one table.
+trained to the end earlier into the same ``--out`` with the same overrides (and not asked for
+now) keep their rows in the table, marked "earlier run", so running the families one at a time
+builds one table.
 
   python scripts/reproduce_fashion_mnist.py --families=deit3,resnet --out=workdirs/fmnist
   python scripts/reproduce_fashion_mnist.py            # every family (several CPU hours)
@@ -64,43 +65,52 @@ def published_benchmark(path: str = README) -> List[Tuple[str, float]]:
 
 
 def final_metrics(workdir: str) -> Dict[str, float]:
-  """Last eval/top1 (and the step it was written at) from ``metrics.jsonl``."""
+  """Last eval/top1 (and the step it was written at) from ``metrics.jsonl`` (a line cut short
+  by an interrupted write is skipped)."""
   out: Dict[str, float] = {}
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return out
   with open(path) as f:
     for line in f:
-      rec = json.loads(line)
+      try:
+        rec = json.loads(line)
+      except ValueError:
+        continue
       if "eval/top1" in rec:
         out = {"top1": rec["eval/top1"], "step": rec["step"]}
   return out
 
 
-def _stored_timing(name: str, timing_path: str) -> Optional[Dict[str, float]]:
-  """``{"wall_s", "cpu_s"}`` accumulated so far, or None when absent or unreadable (said)."""
+def _read_timing(name: str, timing_path: str) -> Optional[Dict[str, object]]:
+  """``timing.json``: ``wall_s``/``cpu_s`` accumulated so far, ``complete`` (the last
+  invocation finished training) and ``args`` (its config overrides); None when absent or
+  unreadable (said)."""
   if not os.path.exists(timing_path):
     return None
   try:
     with open(timing_path) as f:
       stored = json.load(f)
-    return {k: float(stored[k]) for k in ("wall_s", "cpu_s")}
+    for k in ("wall_s", "cpu_s"):
+      stored[k] = float(stored[k])
+    return stored
   except (ValueError, KeyError, TypeError):
     print(f"[{name}] {timing_path} is unreadable; timing restarts from 0 (the run itself "
           "resumes from its checkpoint).", flush=True)
     return None
 
 
-def earlier_result(name: str, out_dir: str) -> Optional[Dict[str, object]]:
-  """The row of a family run earlier into ``out_dir`` (timing and a final eval), else None."""
+def earlier_result(name: str, out_dir: str, extra: List[str]) -> Optional[Dict[str, object]]:
+  """The row of a family trained to the end earlier into ``out_dir`` with the same config
+  overrides ``extra`` (a smoke or ``--set`` run never shows as a full one), else None."""
   config, what, target = FAMILIES[name]
   workdir = os.path.join(out_dir, name)
-  timing = _stored_timing(name, os.path.join(workdir, "timing.json"))
+  stored = _read_timing(name, os.path.join(workdir, "timing.json"))
   m = final_metrics(workdir)
-  if timing is None or not m:
+  if not stored or not stored.get("complete") or stored.get("args") != extra or not m:
     return None
   return {"family": name, "what": what, "config": config, "target": target, "earlier": True,
-          **timing, **m}
+          "wall_s": stored["wall_s"], "cpu_s": stored["cpu_s"], **m}
 
 
 def run_family(name: str, out_dir: str, extra: List[str]) -> Dict[str, object]:
@@ -108,7 +118,8 @@ def run_family(name: str, out_dir: str, extra: List[str]) -> Dict[str, object]:
   workdir = os.path.join(out_dir, name)
   os.makedirs(workdir, exist_ok=True)
   timing_path = os.path.join(workdir, "timing.json")
-  timing = _stored_timing(name, timing_path) or {"wall_s": 0.0, "cpu_s": 0.0}
+  stored = _read_timing(name, timing_path)
+  timing = {k: stored[k] if stored else 0.0 for k in ("wall_s", "cpu_s")}
   cmd = [sys.executable, "-m", "visrep_jax.main", f"--config={os.path.join(ROOT, config)}",
          f"--workdir={workdir}", *extra]
   print(f"[{name}] {' '.join(cmd)}", flush=True)
@@ -121,7 +132,7 @@ def run_family(name: str, out_dir: str, extra: List[str]) -> Dict[str, object]:
   timing["wall_s"] += time.time() - t0
   timing["cpu_s"] += (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
   with open(timing_path, "w") as f:
-    json.dump(timing, f)
+    json.dump({**timing, "complete": proc.returncode == 0, "args": extra}, f)
   if proc.returncode != 0:
     tail = open(os.path.join(workdir, "train.log")).read()[-2000:]
     raise SystemExit(f"[{name}] failed (exit {proc.returncode}); log {workdir}/train.log:\n{tail}")
@@ -145,6 +156,16 @@ def markdown(results: List[Dict[str, object]], published: List[Tuple[str, float]
   return "\n".join(lines) + "\n"
 
 
+def config_overrides(settings: List[str], smoke: bool) -> List[str]:
+  """The ``--config.*`` flags every family's run gets: ``--set`` values, and the smoke steps."""
+  extra = [f"--config.{kv}" for kv in settings]
+  if smoke:
+    extra += ["--config.total_epochs=0", "--config.total_steps=3", "--config.eval_every_steps=0",
+              "--config.checkpoint_every_steps=0", "--config.log_every_steps=1",
+              "--config.plot_curves=False", "--config.progress_bar=False"]
+  return extra
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--families", default=",".join(FAMILIES),
@@ -158,15 +179,11 @@ def main(argv=None):
   bad = [f for f in families if f not in FAMILIES]
   if bad:
     p.error(f"unknown families {bad}; choose from {', '.join(FAMILIES)}")
-  extra = [f"--config.{kv}" for kv in args.set]
-  if args.smoke:
-    extra += ["--config.total_epochs=0", "--config.total_steps=3", "--config.eval_every_steps=0",
-              "--config.checkpoint_every_steps=0", "--config.log_every_steps=1",
-              "--config.plot_curves=False", "--config.progress_bar=False"]
+  extra = config_overrides(args.set, args.smoke)
   os.makedirs(args.out, exist_ok=True)
   results = [run_family(f, args.out, extra) for f in families]
   # Rows of families trained earlier into the same --out, in FAMILIES order after this run's.
-  earlier = [earlier_result(f, args.out) for f in FAMILIES if f not in families]
+  earlier = [earlier_result(f, args.out, extra) for f in FAMILIES if f not in families]
   table = markdown(results + [r for r in earlier if r is not None], published_benchmark())
   path = os.path.join(args.out, "fashion_mnist.md")
   with open(path, "w") as f:

@@ -128,6 +128,12 @@ def test_fixed_way_episodes_run_on_hierarchical_and_bilevel_sources(tmp_path):
   # Set by hand, the ignore switches turn the ontologies off for variable ways too.
   assert not open_source(ilsvrc, ignore_dag_ontology=True).sampler.use_dag_hierarchy
   assert not open_source(omniglot, ignore_bilevel_ontology=True).sampler.use_bilevel_hierarchy
+  # The config.json of a workdir from before these keys (fewshot_viz, eval of old runs).
+  import ml_collections
+  old = config_lib.base_config().episodes.to_dict()
+  del old["ignore_dag_ontology"], old["ignore_bilevel_ontology"]
+  dc = episodic.descr_config(ml_collections.ConfigDict(old))
+  assert not dc.ignore_dag_ontology and not dc.ignore_bilevel_ontology
 
 
 def test_recipe_values_follow_the_paper():

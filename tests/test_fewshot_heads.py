@@ -267,6 +267,22 @@ def test_ctx_remat_and_chunking_change_no_value_and_no_gradient(remat, impl, chu
   assert ("scan" in text) == (chunk is not None)
 
 
+def test_class_sum_segment_and_matmul_agree_and_drop_padding():
+  rng = np.random.RandomState(3)
+  x = jnp.asarray(rng.randn(2, 3, 6, 4), jnp.float32)
+  seg = jnp.asarray([2, 0, 2, 4, 1, -1])  # 4 (= C) and -1: padding
+  ref = np.zeros((2, 3, 4, 4), np.float32)
+  for s_, c in enumerate(np.asarray(seg)):
+    if 0 <= c < 4:
+      ref[:, :, c] += np.asarray(x)[:, :, s_]
+  for impl in ("segment", "matmul"):
+    np.testing.assert_allclose(fewshot._class_sum(x, seg, 4, impl=impl), ref, rtol=1e-6,
+                               atol=1e-6)
+  assert np.all(np.asarray(fewshot._class_sum(x, seg, 4))[:, :, 3] == 0)  # class 3: no image
+  with pytest.raises(ValueError, match="segment' or 'matmul"):
+    fewshot._class_sum(x, seg, 4, impl="scatter")
+
+
 def test_ctx_fused_keeps_prototypes_only_when_they_fit_in_one_chunk():
   # (queries, chunk, ways, value dim, support images, support positions): the training episode
   # of the benchmark (50 queries, 50 ways, 500 support, 14x14, 5-query chunks) keeps them;
@@ -280,11 +296,10 @@ def test_ctx_fused_keeps_prototypes_only_when_they_fit_in_one_chunk():
 
 @pytest.mark.parametrize("keep", [True, False])
 @pytest.mark.parametrize("chunk", [None, 1, 2, 3])
-def test_ctx_fused_backward_equals_autodiff_in_float64(chunk, keep, monkeypatch):
+def test_ctx_fused_backward_equals_autodiff_in_float64(chunk, keep):
   # Variable shots (2, 3, 2), a class without support, padded entries holding NaN and an
   # out-of-range label, 5 queries (padded last chunk for 2 and 3); every input's gradient;
   # the aligned prototypes kept for the backward or recomputed there.
-  monkeypatch.setattr(fewshot, "_keeps_prototypes", lambda *shapes: keep)
   with jax.enable_x64(True):
     query, support = _episode(seed=11, num_query=5, dtype=np.float64)
     support[~MASK] = np.nan
@@ -298,7 +313,7 @@ def test_ctx_fused_backward_equals_autodiff_in_float64(chunk, keep, monkeypatch)
       logits = model.apply({"params": params}, query, support, LABELS, MASK, NUM_CLASSES)
       return jnp.sum(weights * jnp.where(logits > NO_SUPPORT / 2, logits, 0.0))
 
-    fused = _ctx(dtype=jnp.float64, remat=True, query_chunk_size=chunk)
+    fused = _ctx(dtype=jnp.float64, remat=True, query_chunk_size=chunk, keep_prototypes=keep)
     args = (params, jnp.asarray(query), jnp.asarray(support))
     v0, g0 = jax.value_and_grad(functools.partial(objective, plain), argnums=(0, 1, 2))(*args)
     v1, g1 = jax.value_and_grad(functools.partial(objective, fused), argnums=(0, 1, 2))(*args)
@@ -312,7 +327,7 @@ def test_ctx_fused_backward_equals_autodiff_in_float64(chunk, keep, monkeypatch)
     f = jnp.asarray
     _, res = fewshot._ctx_fused_fwd(f(query[:, :2, 0, :3]), f(query[:, :2, 0, :2]),
                                     f(support[:, :3, 0, :3]), f(support[:, :3, 0, :2]), LABELS,
-                                    f(MASK), NUM_CLASSES, 0.5, NO_SUPPORT, chunk, None)
+                                    f(MASK), NUM_CLASSES, 0.5, NO_SUPPORT, chunk, None, keep)
     assert (res[-1] is not None) == keep
     if keep:
       assert res[-1].shape == (5, 2, NUM_CLASSES, 2)
@@ -433,5 +448,6 @@ def test_memory_benchmark_script_runs_on_a_tiny_episode():
                            "--chunk=2"])
   text = out.getvalue()
   assert "temp_size_in_bytes" in text and "remat+chunk2" in text, text
-  assert set(results) == {"plain", "remat", "ckpt", "chunk2", "remat+chunk2", "ckpt+chunk2"}
+  assert set(results) == {"plain", "remat", "ckpt", "chunk2", "remat+chunk2",
+                          "remat+chunk2+recompute", "ckpt+chunk2"}
   assert all(r["temp_size_in_bytes"] > 0 for r in results.values())

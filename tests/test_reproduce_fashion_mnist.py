@@ -60,16 +60,23 @@ def test_unknown_family_is_an_error(capsys):
 def test_smoke_run_writes_the_table(tmp_path):
   mod = _script()
   out = tmp_path / "fm"
-  # A family finished earlier into the same --out keeps its row; one without a final eval
-  # (interrupted before evaluating) has none.
-  (out / "resnet").mkdir(parents=True)
-  (out / "resnet" / "timing.json").write_text(json.dumps({"wall_s": 1698.0, "cpu_s": 3240.0}))
-  (out / "resnet" / "metrics.jsonl").write_text(
-      json.dumps({"step": 100, "train/loss": 0.5}) + "\n"
-      + json.dumps({"step": 10318, "eval/top1": 0.931}) + "\n")
-  (out / "cait").mkdir()
-  (out / "cait" / "timing.json").write_text(json.dumps({"wall_s": 60.0, "cpu_s": 120.0}))
-  (out / "cait" / "metrics.jsonl").write_text(json.dumps({"step": 100, "train/loss": 0.5}) + "\n")
+  # A family trained to the end earlier into the same --out with the same overrides keeps its
+  # row; an unfinished one (an intermediate eval only), one trained with other overrides (a full
+  # run beside smoke runs) and one with a line cut short in metrics.jsonl do not / do.
+  smoke = mod.config_overrides([], smoke=True)
+
+  def earlier(family, complete, args, top1=0.931, tail=""):
+    (out / family).mkdir(parents=True)
+    (out / family / "timing.json").write_text(json.dumps(
+        {"wall_s": 1698.0, "cpu_s": 3240.0, "complete": complete, "args": args}))
+    (out / family / "metrics.jsonl").write_text(
+        json.dumps({"step": 100, "train/loss": 0.5}) + "\n"
+        + json.dumps({"step": 10318, "eval/top1": top1}) + "\n" + tail)
+
+  earlier("resnet", True, smoke, tail='{"step": 10400, "train/lo')
+  earlier("cait", False, smoke)
+  earlier("deit", True, [])
+  earlier("resmlp", True, smoke + ["--config.seed=1"])
   results = mod.main(["--families=deit3", f"--out={out}", "--smoke"])
   assert [r["family"] for r in results] == ["deit3"]
   r = results[0]
@@ -79,7 +86,8 @@ def test_smoke_run_writes_the_table(tmp_path):
   assert ("| resnet (earlier run) | ResNet-18, SGD recipe | 0.9310 | >= 0.94 (NOT met) | 28.3 | "
           "54.0 |") in table
   assert table.index("| deit3 |") < table.index("| resnet (earlier run) |")
-  assert "| cait" not in table
+  assert "| cait" not in table and "| deit |" not in table and "| deit (" not in table
+  assert "| resmlp" not in table
   # Rerunning resumes the finished run (no retraining) and accumulates the timing.
   again = mod.main(["--families=deit3", f"--out={out}", "--smoke"])
   assert again[0]["step"] == 3 and again[0]["wall_s"] > r["wall_s"]

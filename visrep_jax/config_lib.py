@@ -395,8 +395,9 @@ def _validate_episodic(config):
   if not e.num_support:
     _check(e.max_support_set_size >= (e.num_ways or e.max_ways_upper_bound),
            f"config.episodes.max_support_set_size ({e.max_support_set_size}) is below the "
-           f"number of ways ({e.num_ways or e.max_ways_upper_bound}): an episode needs one "
-           "support image per class; raise it or lower max_ways_upper_bound.")
+           f"number of ways ({e.num_ways or e.max_ways_upper_bound}, the most an episode may "
+           "have): an episode needs one support image per class; raise it or lower "
+           "max_ways_upper_bound.")
     _check(isinstance(e.max_support_size_contrib_per_class, int)
            and e.max_support_size_contrib_per_class > 0,
            "config.episodes.max_support_size_contrib_per_class must be a positive integer, got "

@@ -162,7 +162,7 @@ def _ctx_block(q, w, k, v, labels, valid, num_classes: int, scale: float,
 
   # Eq. (2): query-aligned prototypes t[n, p, c] = sum_{s in c, m} softmax(a) v_sm.
   u = jnp.einsum("npsm,sme->npse", e, v, precision=precision)                   # [n, P, S, e]
-  t = _class_sum(u * beta[..., None], seg, num_classes)                         # [n, P, C, e]
+  t = _class_sum(u * beta[..., None], seg, num_classes, precision)              # [n, P, C, e]
 
   # Eq. (3): mean over query positions of the squared Euclidean distance; logits = -d.
   dist = jnp.mean(jnp.sum(jnp.square(w[:, :, None, :] - t), axis=-1), axis=1)   # [n, C]
@@ -171,15 +171,27 @@ def _ctx_block(q, w, k, v, labels, valid, num_classes: int, scale: float,
   return logits, (e, beta), lse, t
 
 
-def _class_sum(x, seg, num_classes: int):
+def _class_sum(x, seg, num_classes: int, precision=None, impl: Optional[str] = None):
   """x [n, P, S, e] summed over the support images of each class -> [n, P, C, e]; ``seg`` [S]
-  holds each image's class, ``num_classes`` for padding (dropped). A segment sum, as the
-  official ``unsorted_segment_sum``: O(S e) per query position, where a product with the
-  one-hot labels costs O(S C e), 2.6x the q k^T matmul itself when every support image is its
-  own class (SimCLR episodes: C = S = 500, 14x14 maps); on this CPU 190 vs 500 ms for a 5-query
-  chunk of that episode, and 112 vs 139 ms at 50 ways."""
-  out = jax.ops.segment_sum(jnp.moveaxis(x, 2, 0), seg, num_segments=num_classes)
-  return jnp.moveaxis(out, 0, 2)
+  holds each image's class, ``num_classes`` (or any id outside [0, C)) for padding, dropped.
+
+  ``impl`` (default: by the backend when traced, as ``layers.dense_kwargs``):
+  * 'segment' (CPU): a segment sum, as the official ``unsorted_segment_sum``: O(S e) per query
+    position, where the product with the one-hot labels costs O(S C e), 2.6x the q k^T matmul
+    itself when every support image is its own class (SimCLR episodes: C = S = 500 at 14x14).
+    On this CPU 190 vs 500 ms for a 5-query chunk of that episode, 112 vs 139 ms at 50 ways.
+  * 'matmul' (GPU, TPU): the product with the one-hot labels, on the matrix units and
+    deterministic (a floating-point scatter-add runs with atomics on GPU, in varying order, and
+    scatters are slow on TPU). The two agree up to float rounding (tested)."""
+  if impl is None:
+    impl = "segment" if jax.default_backend() == "cpu" else "matmul"
+  if impl == "segment":
+    out = jax.ops.segment_sum(jnp.moveaxis(x, 2, 0), seg, num_segments=num_classes)
+    return jnp.moveaxis(out, 0, 2)
+  if impl != "matmul":
+    raise ValueError(f"_class_sum impl must be 'segment' or 'matmul', got {impl!r}")
+  one_hot = jax.nn.one_hot(seg, num_classes, dtype=x.dtype)  # out-of-range ids: zero rows
+  return jnp.einsum("npse,sc->npce", x, one_hot, precision=precision)
 
 
 def _keeps_prototypes(n: int, chunk_size: Optional[int], num_classes: int, value_dim: int,
@@ -231,10 +243,11 @@ def _merge_chunks(x, n: int):
   return x.reshape((-1,) + x.shape[2:])[:n]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11))
 def ctx_attend_fused(queries, query_values, keys, values, support_labels, valid,
                      num_classes: int, scale: float, no_support_logit: float = NO_SUPPORT_LOGIT,
-                     chunk_size: Optional[int] = None, precision=None):
+                     chunk_size: Optional[int] = None, precision=None,
+                     keep_prototypes: Optional[bool] = None):
   """``ctx_attend``'s logits [n, C] with a hand-written, memory-saving backward pass.
 
   The forward runs ``chunk_size`` queries at a time and keeps, besides the inputs, only each
@@ -247,18 +260,20 @@ def ctx_attend_fused(queries, query_values, keys, values, support_labels, valid,
   da = p (dp - D), dq = da k tau^-1, dk = da^T q tau^-1. With t kept it recomputes one matmul
   (q k^T), otherwise two (q k^T, p v, and the class sum), where jax.checkpoint recomputes the
   whole forward and differentiates it by autodiff; the peak memory is about that of
-  jax.checkpoint + chunking (one chunk's attention, x3 in the backward). Values and gradients
+  jax.checkpoint + chunking (one chunk's attention, x3 in the backward). ``keep_prototypes``
+  True / False forces the choice (None: ``_keeps_prototypes``). Values and gradients
   equal autodiff's up to float rounding (tested, both ways). Reverse mode only: forward-mode
   autodiff (jax.jvp, jacfwd, hessian) of a custom_vjp is an error; use
   remat_impl='checkpoint' for it.
   """
   _check_chunk_size(chunk_size)
   return _ctx_fused_fwd(queries, query_values, keys, values, support_labels, valid,
-                        num_classes, scale, no_support_logit, chunk_size, precision)[0]
+                        num_classes, scale, no_support_logit, chunk_size, precision,
+                        keep_prototypes)[0]
 
 
 def _ctx_fused_fwd(queries, query_values, keys, values, support_labels, valid, num_classes,
-                   scale, no_support_logit, chunk_size, precision):
+                   scale, no_support_logit, chunk_size, precision, keep_prototypes=None):
   f32 = _compute_dtype(queries)
   q, w = queries.astype(f32), query_values.astype(f32)
   k, v = keys.astype(f32), values.astype(f32)
@@ -269,7 +284,9 @@ def _ctx_fused_fwd(queries, query_values, keys, values, support_labels, valid, n
                                    scale, no_support_logit, precision)
     return logits, lse, t
 
-  keep_t = _keeps_prototypes(n, chunk_size, num_classes, v.shape[-1], k.shape[0], k.shape[1])
+  keep_t = keep_prototypes
+  if keep_t is None:
+    keep_t = _keeps_prototypes(n, chunk_size, num_classes, v.shape[-1], k.shape[0], k.shape[1])
   if not keep_t:
     block = (lambda f: lambda qw: f(qw)[:2])(block)
   if chunk_size is None or chunk_size >= n:
@@ -283,7 +300,8 @@ def _ctx_fused_fwd(queries, query_values, keys, values, support_labels, valid, n
   return logits, residuals
 
 
-def _ctx_fused_bwd(num_classes, scale, no_support_logit, chunk_size, precision, residuals, g):
+def _ctx_fused_bwd(num_classes, scale, no_support_logit, chunk_size, precision, keep_prototypes,
+                   residuals, g):
   queries, query_values, keys, values, support_labels, valid, lse, t = residuals
   f32 = lse.dtype
   q, w = queries.astype(f32), query_values.astype(f32)
@@ -305,7 +323,8 @@ def _ctx_fused_bwd(num_classes, scale, no_support_logit, chunk_size, precision, 
     lse_s = jnp.take(lse_c, labels, axis=-1)                                    # [n, P, S]
     p = jnp.where(mask, jnp.exp(a - lse_s[..., None]), 0.0)                      # softmax
     if t is None:  # recompute this chunk's aligned prototypes (see _keeps_prototypes)
-      t_c = _class_sum(jnp.einsum("npsm,sme->npse", p, v, precision=precision), seg, num_classes)
+      t_c = _class_sum(jnp.einsum("npsm,sme->npse", p, v, precision=precision), seg,
+                       num_classes, precision)
     else:
       t_c = xs[4]
     # logits = -mean_p sum_e (w - t)^2 (classes with support).
@@ -414,6 +433,7 @@ class CrossTransformer(nn.Module):
   remat: bool = False
   remat_impl: str = "fused"              # 'fused' (ctx_attend_fused) or 'checkpoint'
   query_chunk_size: Optional[int] = None
+  keep_prototypes: Optional[bool] = None  # fused remat: None = when they fit in one chunk
   no_support_logit: float = NO_SUPPORT_LOGIT
   precision: Any = None
   dtype: Dtype = jnp.float32
@@ -463,7 +483,7 @@ class CrossTransformer(nn.Module):
     if self.remat and self.remat_impl == "fused" and not return_attention:
       return ctx_attend_fused(queries, query_values, keys, values, support_labels, valid,
                               num_classes, 1.0 / tau, self.no_support_logit,
-                              self.query_chunk_size, self.precision)
+                              self.query_chunk_size, self.precision, self.keep_prototypes)
     fn = functools.partial(ctx_attend, keys=keys, values=values, support_labels=support_labels,
                            valid=valid, num_classes=num_classes, scale=1.0 / tau,
                            no_support_logit=self.no_support_logit,

@@ -153,8 +153,9 @@ class BatchNorm(nn.Module):
 
   ``mask`` (B,) bool/float, training only: the batch statistics (and the running-statistics
   update) use the masked-in examples only, while every example is normalised with them. Episodic
-  few-shot training uses it to keep padding out of the statistics, and to normalise an episode
-  with the statistics of its support set alone (CrossTransformers' non-EMA ablation).
+  few-shot training uses it to keep padding out of the statistics and to normalise every image of
+  an episode with the statistics of its support set alone (in training, Meta-Dataset's
+  non-transductive BatchNorm; at test time, CrossTransformers' non-EMA ablation).
   """
   num_features: int
   momentum: float = 0.9

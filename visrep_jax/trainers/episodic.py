@@ -76,8 +76,9 @@ def descr_config(e, fixed: bool = True) -> episodes_lib.EpisodeDescriptionConfig
   ``ignore_dag_ontology`` / ``ignore_bilevel_ontology`` set by hand), so fixed 5-way episodes
   run on every source."""
   return episodes_lib.EpisodeDescriptionConfig(
-      ignore_dag_ontology=bool(e.ignore_dag_ontology or e.num_ways),
-      ignore_bilevel_ontology=bool(e.ignore_bilevel_ontology or e.num_ways
+      # .get: the config.json of a workdir trained before these keys existed lacks them.
+      ignore_dag_ontology=bool(e.get("ignore_dag_ontology", False) or e.num_ways),
+      ignore_bilevel_ontology=bool(e.get("ignore_bilevel_ontology", False) or e.num_ways
                                    or e.min_examples_in_class),
       num_ways=e.num_ways or None, num_support=e.num_support or None,
       num_query=e.num_query or None, min_ways=e.min_ways,
