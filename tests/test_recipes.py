@@ -322,6 +322,25 @@ def test_init_checkpoint_resamples_the_position_embedding(tmp_path, caplog):
     ckpt_lib.load_variables(str(tmp_path), plain["params"], adapt_head=False)
 
 
+def test_resnet_layer1_shortcut_mismatch_names_the_config_key(tmp_path):
+  """A torchvision-layout ResNet checkpoint into the few-shot configs' official layout (layer1
+  projection shortcut), and the reverse: the error says which downsample_first_stage to set."""
+  from visrep_jax import checkpoint as ckpt_lib, models
+  kw = dict(num_classes=0, width=8, stage_sizes=(1, 1, 1, 1))
+  torchvision = models.create("resnet18", **kw)
+  official = models.create("resnet18", downsample_first_stage=True, **kw)
+  _save_variables(tmp_path / "tv", torchvision)
+  _save_variables(tmp_path / "md", official)
+  with pytest.raises(ValueError, match=r"set --config.model.downsample_first_stage=False "):
+    ckpt_lib.load_variables(str(tmp_path / "tv"), _abstract(official, 16)["params"])
+  with pytest.raises(ValueError, match=r"set --config.model.downsample_first_stage=True "):
+    ckpt_lib.load_variables(str(tmp_path / "md"), _abstract(torchvision, 16)["params"])
+  with pytest.raises(ValueError, match="is config.model the checkpoint's model"):
+    ckpt_lib.load_variables(str(tmp_path / "md"),
+                            _abstract(models.create("resnet34", num_classes=0, width=8), 16)[
+                                "params"])
+
+
 def test_init_checkpoint_with_another_class_count_gets_a_new_head(tmp_path, caplog):
   """ImageNet-21k -> 1k / transfer: the classifier is dropped and re-initialised (from the
   model's own init when given, else N(0, 0.02) / 0), with a log line; BatchNorm statistics and

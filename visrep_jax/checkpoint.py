@@ -160,10 +160,17 @@ def load_variables(path: str, abstract_params: Any, abstract_model_state: Any = 
     missing = sorted(jax.tree_util.keystr(k) for k in a_flat if k not in s_flat)
     extra = sorted(jax.tree_util.keystr(k) for k in s_flat if k not in a_flat)
     if missing or extra:
+      hint = "is config.model the checkpoint's model?"
+      if all("['layer1_0']['downsample" in k for k in missing + extra):
+        # Only the projection shortcut of layer1's first block differs: meta-dataset's ResNet-34
+        # has it, torchvision's not (the few-shot configs switched to it on 2026-11-27).
+        hint = (f"set --config.model.downsample_first_stage="
+                f"{not any('downsample' in k for k in missing)} to match the checkpoint's "
+                "layer1")
       raise ValueError(
           f"checkpoint {path} does not match the model's {what}: missing {missing[:8]}"
           f"{' ...' if len(missing) > 8 else ''}, unexpected {extra[:8]}"
-          f"{' ...' if len(extra) > 8 else ''} (is config.model the checkpoint's model?)")
+          f"{' ...' if len(extra) > 8 else ''} ({hint})")
     try:
       return jax.tree_util.tree_map_with_path(place, abstract, stored)
     except ValueError as e:
