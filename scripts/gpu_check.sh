@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot accelerator check, sized for a short GPU lease (about 7 minutes on one H100):
+# One-shot accelerator check, sized for a short GPU lease (about 8 minutes on one H100):
 #   1. versions (JAX, flax, optax, orbax, torch, timm) and the GPU;
 #   2. DeiT III-S/16 at 224 train + inference throughput against timm on the same GPU, bfloat16
 #      (timm: torch.autocast + SDPA; JAX: XLA's attention);
@@ -41,7 +41,7 @@ timeout 150 python3 scripts/benchmark.py --model=deit3_small_patch16_224 --batch
     --dtype=bfloat16 --vs-timm --steps=10 --repeats=3 2>&1 | tee "$OUT_DIR/bench_bf16.txt"
 
 section "CrossTransformer step: memory and time, 50-way 500-support 50-query 14x14x512"
-timeout 180 python3 scripts/benchmark_ctx_memory.py --time --time_queries=50 --steps=5 \
+timeout 240 python3 scripts/benchmark_ctx_memory.py --time --time_queries=50 --steps=5 \
     --chunk=5,10 2>&1 | tee "$OUT_DIR/ctx_memory.txt"
 
 section "tests on the GPU"
