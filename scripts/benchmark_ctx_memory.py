@@ -35,7 +35,10 @@ against plain (issue target: <= 1.3x).
 
   python scripts/benchmark_ctx_memory.py [--ways=50] [--support=500] [--queries=50] [--hw=14]
       [--channels=512] [--chunk=5[,10,...]] [--dtype=float32] [--time] [--time_queries=10]
-      [--steps=5]
+      [--steps=5] [--class_sum]
+
+``--class_sum`` times fewshot._class_sum's segment sum (the CPU default) against its one-hot
+product (other backends) on one query chunk, at --ways classes and at one class per support image.
 """
 
 from __future__ import annotations
@@ -157,6 +160,33 @@ def time_report(args):
   return times
 
 
+def class_sum_report(args):
+  """Eq. (2)'s class sum on one chunk's [chunk, hw^2, S, 128] input, both implementations of
+  ``fewshot._class_sum`` in this run, at --ways classes and at one class per support image
+  (SimCLR episodes); prints each median time and the ratio matmul / segment."""
+  chunk = min(args.chunk)
+  x = jax.device_put(np.random.RandomState(0).randn(
+      chunk, args.hw ** 2, args.support, 128).astype(np.float32))
+  times = {}
+  print(f"class sum: [{chunk}, {args.hw ** 2}, {args.support}, 128] -> classes, {args.steps} runs "
+        "after one warm-up, median")
+  for ways in sorted({min(args.ways, args.support), args.support}):
+    seg = jnp.asarray(np.arange(args.support) % ways, jnp.int32)
+    for impl in ("segment", "matmul"):
+      fn = jax.jit(functools.partial(fewshot._class_sum, seg=seg, num_classes=ways, impl=impl))
+      jax.block_until_ready(fn(x))
+      samples = []
+      for _ in range(args.steps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(x))
+        samples.append(time.perf_counter() - t0)
+      times[(ways, impl)] = statistics.median(samples)
+    print(f"  {ways:4d} classes: segment {times[(ways, 'segment')] * 1e3:8.1f} ms, matmul "
+          f"{times[(ways, 'matmul')] * 1e3:8.1f} ms, matmul / segment "
+          f"{times[(ways, 'matmul')] / times[(ways, 'segment')]:5.2f}x")
+  return times
+
+
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--ways", type=int, default=50)
@@ -171,6 +201,8 @@ def parse_args(argv=None):
   p.add_argument("--time", action="store_true", help="also time steps (needs the memory)")
   p.add_argument("--time_queries", type=int, default=10)
   p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--class_sum", action="store_true",
+                 help="also time the two implementations of the class sum of Eq. (2)")
   return p.parse_args(argv)
 
 
@@ -179,6 +211,8 @@ def main(argv=None):
   results = memory_report(args)
   if args.time:
     time_report(args)
+  if args.class_sum:
+    class_sum_report(args)
   return results
 
 

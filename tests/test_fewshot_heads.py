@@ -445,9 +445,12 @@ def test_memory_benchmark_script_runs_on_a_tiny_episode():
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
     results = module.main(["--ways=3", "--support=6", "--queries=4", "--hw=2", "--channels=8",
-                           "--chunk=2"])
+                           "--chunk=2", "--class_sum", "--steps=1"])
   text = out.getvalue()
   assert "temp_size_in_bytes" in text and "remat+chunk2" in text, text
   assert set(results) == {"plain", "remat", "ckpt", "chunk2", "remat+chunk2",
                           "remat+chunk2+recompute", "ckpt+chunk2"}
   assert all(r["temp_size_in_bytes"] > 0 for r in results.values())
+  # --class_sum: both implementations at 3 classes and at one class per support image (6).
+  assert "3 classes: segment" in text and "6 classes: segment" in text
+  assert "matmul / segment" in text

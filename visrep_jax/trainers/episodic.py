@@ -68,7 +68,7 @@ HEADS = ("protonet", "ctx")
 BN_TEST_MODES = ("ema", "support")
 
 
-def descr_config(e, fixed: bool = True) -> episodes_lib.EpisodeDescriptionConfig:
+def descr_config(e) -> episodes_lib.EpisodeDescriptionConfig:
   """``EpisodeDescriptionConfig`` from ``config.episodes`` (0 = variable for ways/shots/query).
 
   Fixed ways ignore ILSVRC's DAG and Omniglot's alphabets, and ``min_examples_in_class`` > 0
