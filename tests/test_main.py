@@ -202,6 +202,12 @@ def test_eval_only_and_init_checkpoint(tmp_path):
   assert metrics(other)[-1]["eval/loss"] == pytest.approx(final["eval/loss"], rel=1e-6)
   r = main(args + ["--config.eval_only=True", f"--config.init_checkpoint={tmp_path / 'none'}"], tmp_path / "x")
   assert r.returncode == 2 and "No checkpoint at" in r.stderr
+  # A checkpoint of another model: one line naming the mismatch, no traceback.
+  r = main(args + ["--config.eval_only=True", f"--config.init_checkpoint={ref}",
+                   "--config.model.name=resnet18", "--config.model.drop_path_rate=0.0"],
+           tmp_path / "y")
+  assert r.returncode == 2, r.stderr[-3000:]
+  assert "does not match the model's parameters" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_batchnorm_model_trains_and_its_statistics_are_checkpointed(tmp_path):

@@ -11,6 +11,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 
+class CheckpointMismatchError(ValueError):
+  """A checkpoint given as ``init_checkpoint`` does not fit the configured model (missing or
+  unexpected parameters, other shapes); ``visrep_jax.main`` prints it as one line."""
+
+
 class Checkpointer:
   """``WORKDIR/checkpoints/<step>/{state,meta}``; restores onto the given shardings."""
 
@@ -140,16 +145,17 @@ def load_variables(path: str, abstract_params: Any, abstract_model_state: Any = 
                             "--out of python -m visrep_jax.convert).")
   tree = _restore_as_numpy(state_dir)
   if not isinstance(tree, dict) or "params" not in tree:
-    raise ValueError(f"checkpoint {path} has no 'params' (top-level keys: "
-                     f"{sorted(tree) if isinstance(tree, dict) else type(tree).__name__})")
+    raise CheckpointMismatchError(
+        f"checkpoint {path} has no 'params' (top-level keys: "
+        f"{sorted(tree) if isinstance(tree, dict) else type(tree).__name__})")
   params = tree["params"]
   stored_state = tree.get("model_state") or {k: v for k, v in tree.items()
                                              if k not in ("params", "step", "opt_state")}
 
   def place(key, a, x):
     if tuple(a.shape) != tuple(x.shape):
-      raise ValueError(f"{jax.tree_util.keystr(key)} has shape {tuple(x.shape)}, the model's "
-                       f"{tuple(a.shape)}")
+      raise CheckpointMismatchError(f"{jax.tree_util.keystr(key)} has shape {tuple(x.shape)}, "
+                                    f"the model's {tuple(a.shape)}")
     x = np.asarray(x, dtype=a.dtype)  # e.g. float32 weights into bfloat16 parameters
     sharding = getattr(a, "sharding", None)
     return jax.device_put(x, sharding) if sharding is not None else x
@@ -167,14 +173,15 @@ def load_variables(path: str, abstract_params: Any, abstract_model_state: Any = 
         hint = (f"set --config.model.downsample_first_stage="
                 f"{not any('downsample' in k for k in missing)} to match the checkpoint's "
                 "layer1")
-      raise ValueError(
+      raise CheckpointMismatchError(
           f"checkpoint {path} does not match the model's {what}: missing {missing[:8]}"
           f"{' ...' if len(missing) > 8 else ''}, unexpected {extra[:8]}"
           f"{' ...' if len(extra) > 8 else ''} ({hint})")
     try:
       return jax.tree_util.tree_map_with_path(place, abstract, stored)
     except ValueError as e:
-      raise ValueError(f"checkpoint {path} does not match the model's {what}: {e}") from None
+      raise CheckpointMismatchError(
+          f"checkpoint {path} does not match the model's {what}: {e}") from None
 
   params = _adapt_for_finetuning(path, abstract_params, params, adapt_pos_embed, adapt_head,
                                  init_params)
@@ -206,7 +213,7 @@ def pos_embed_extra_tokens(stored_tokens: int, target_tokens: int) -> int:
     return r > 0 and r * r == n
   options = [e for e in (0, 1, 2) if is_square(stored_tokens - e) and is_square(target_tokens - e)]
   if len(options) != 1:
-    raise ValueError(
+    raise CheckpointMismatchError(
         f"cannot resample a position embedding of {stored_tokens} tokens to {target_tokens}: "
         "the checkpoint and the model need the same number of class/distillation tokens (0, 1 "
         "or 2) before a square patch grid (is only one of them a distilled model?)")

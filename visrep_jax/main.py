@@ -93,6 +93,7 @@ def main(argv):
   init_distributed()
   import jax
   from visrep_jax import config_lib, trainers
+  from visrep_jax.checkpoint import CheckpointMismatchError
   from visrep_jax.data import DataError
   from visrep_jax.registry import UnknownNameError
   try:
@@ -100,7 +101,8 @@ def main(argv):
     trainer = trainers.get(config.trainer)
     logging.info("Config:\n%s", config)
     trainer.train_and_evaluate(config, FLAGS.workdir)
-  except (config_lib.ConfigError, UnknownNameError, DataError, FileNotFoundError) as e:
+  except (config_lib.ConfigError, UnknownNameError, DataError, FileNotFoundError,
+          CheckpointMismatchError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   except FloatingPointError as e:
