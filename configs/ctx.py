@@ -148,8 +148,10 @@ def get_config(arg=None):
   f.head = head
   f.bn_test_mode = args.bn
   # Both, for the 500-support 14x14 episodes: remat alone still forms the whole attention tensor
-  # once in the backward; with 5-query chunks the step needs 8x less temporary memory
-  # (scripts/benchmark_ctx_memory.py). remat uses the fused backward (fewshot.ctx_attend_fused,
+  # once in the backward (on an H200 it then needs more memory than plain). With 5-query chunks
+  # the step needs 5.9x less temporary memory for 1.10x the step time of plain on an H200 (50
+  # queries; 46x less at 500 queries), 8x less on CPU (scripts/benchmark_ctx_memory.py,
+  # README). remat uses the fused backward (fewshot.ctx_attend_fused,
   # config.fewshot.remat_impl), which recomputes q k^T, and p v where the aligned prototypes
   # are larger than one chunk's attention (500 padded queries: 2.1 GiB instead of 4.8-26 GiB).
   f.remat = True

@@ -6,6 +6,7 @@ import functools
 import importlib.util
 import io
 import os
+import re
 import contextlib
 
 import numpy as np
@@ -454,3 +455,31 @@ def test_memory_benchmark_script_runs_on_a_tiny_episode():
   # --class_sum: both implementations at 3 classes and at one class per support image (6).
   assert "3 classes: segment" in text and "6 classes: segment" in text
   assert "matmul / segment" in text
+
+  # --configs keeps plain and the named ones; a configuration that does not compile (XLA's GPU
+  # autotuner can run out of memory) is one line and the others are still reported and timed.
+  real_compiled_step = module.compiled_step
+
+  def compiled_step(args, config, num_queries):
+    if config.get("remat_impl") == "checkpoint":
+      raise RuntimeError("NOT_FOUND: All configs failed during profiling\n"
+                         "EXECUTION FAILED: RESOURCE_EXHAUSTED: Out of memory while trying to "
+                         "allocate 35.79GiB")
+    return real_compiled_step(args, config, num_queries)
+
+  module.compiled_step = compiled_step
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    results = module.main(["--ways=3", "--support=6", "--queries=4", "--hw=2", "--channels=8",
+                           "--chunk=2", "--configs=remat+chunk2,ckpt+chunk2", "--time",
+                           "--time_queries=4", "--steps=1"])
+  text = out.getvalue()
+  assert set(results) == {"plain", "remat+chunk2"}, text
+  assert ("ckpt+chunk2: did not compile (RuntimeError: EXECUTION FAILED: RESOURCE_EXHAUSTED: "
+          "Out of memory while trying to allocate 35.79GiB)") in text, text
+  timed = [l.split(":")[0].strip() for l in text.split("timing:")[1].splitlines()[1:]]
+  assert timed == ["plain", "remat+chunk2", "ckpt+chunk2"], text
+  with pytest.raises(SystemExit, match=re.escape("unknown --configs remat+chunk3; choose from "
+                                                 "plain, remat, ckpt, chunk2, remat+chunk2")):
+    module.main(["--ways=3", "--support=6", "--queries=4", "--hw=2", "--channels=8",
+                 "--chunk=2", "--configs=remat+chunk3"])
