@@ -208,6 +208,16 @@ def test_eval_only_and_init_checkpoint(tmp_path):
            tmp_path / "y")
   assert r.returncode == 2, r.stderr[-3000:]
   assert "does not match the model's parameters" in r.stderr and "Traceback" not in r.stderr
+  # Resuming the workdir with another model: one line, and its config.json (the record of the
+  # trained model, which the eval tools rebuild it from) is kept.
+  with open(ref / "config.json") as f:
+    trained_config = f.read()
+  r = main(args + ["--config.model.name=resnet18", "--config.model.drop_path_rate=0.0"], ref)
+  assert r.returncode == 2, r.stderr[-3000:]
+  assert "does not fit this config's train state" in r.stderr, r.stderr[-3000:]
+  assert "Traceback" not in r.stderr
+  with open(ref / "config.json") as f:
+    assert f.read() == trained_config
 
 
 def test_batchnorm_model_trains_and_its_statistics_are_checkpointed(tmp_path):

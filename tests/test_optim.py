@@ -334,6 +334,54 @@ def test_resume_when_the_ema_setting_changed(tmp_path):
       assert state.ema == {}
 
 
+def test_resume_with_another_model_is_one_error_naming_the_differences(tmp_path):
+  """Resuming a workdir with a config whose train state does not fit its checkpoint (another
+  model or optimizer) raises CheckpointMismatchError naming what differs, with the layer1
+  hint for the few-shot ResNet-34 layouts, the optimizer hint for optimizer-only changes; an
+  EMA difference on top of another one reports the other one, not the EMA fallback's."""
+  from visrep_jax import checkpoint as ckpt_lib
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  conv = {"kernel": jnp.ones((3, 3, 4, 4))}
+  params = {"backbone": {"layer1_0": {"conv1": conv}}, "head": {"kernel": jnp.ones((4, 5))}}
+  adam = optax.adam(1e-3)
+
+  def state(p, opt=adam, ema=None):
+    return common.TrainState(step=jnp.array(5, jnp.int32), params=p, opt_state=opt.init(p),
+                             model_state={}, ema=ema if ema is not None else {})
+
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path / "w"), async_save=False)
+  ckpt.save(5, state(params), {"step": 5}, force=True)
+
+  def resume(target):
+    with pytest.raises(ckpt_lib.CheckpointMismatchError) as e:
+      supervised._restore(ckpt, 5, target, jax.tree.map(lambda _: repl, target))
+    assert "To resume, use the config it was trained with" in str(e.value)
+    assert str(tmp_path / "w" / "config.json") in str(e.value)
+    return e.value
+
+  # Another head (class count): the parameter comes first, with both shapes.
+  e = resume(state(dict(params, head={"kernel": jnp.ones((4, 7))})))
+  assert e.shapes[0] == ("['params']['head']['kernel']", (4, 5), (4, 7)), e.shapes
+  assert not e.missing and not e.unexpected
+  assert "other shapes ['params']['head']['kernel'] (4, 5) (config: (4, 7))" in str(e)
+  assert "is config.model the checkpoint's model?" in str(e)
+  # Only layer1's projection shortcut differs: the flag to set is named.
+  with_shortcut = dict(params, backbone={"layer1_0": {"conv1": conv, "downsample_conv": conv}})
+  e = resume(state(with_shortcut))
+  assert e.missing[0] == "['params']['backbone']['layer1_0']['downsample_conv']['kernel']"
+  assert "set --config.model.downsample_first_stage=False" in str(e)
+  # Only the optimizer differs (SGD with momentum instead of Adam).
+  e = resume(state(params, opt=optax.sgd(0.1, momentum=0.9)))
+  assert all(k.startswith("['opt_state']") for k in e.missing + e.unexpected), e
+  assert "the optimizer config (config.optimizer) differs" in str(e)
+  # An EMA and another head: the head is reported (the EMA alone would resume).
+  e = resume(state(dict(params, head={"kernel": jnp.ones((4, 7))}),
+                   ema={"params": params, "model_state": {}}))
+  assert any(k[0] == "['params']['head']['kernel']" for k in e.shapes), e
+  ckpt.close()
+
+
 def test_exponential_schedule_matches_tensorflow_exponential_decay():
   """Meta-Dataset's learner decays with tf.compat.v1.train.exponential_decay(staircase=True)."""
   tf = pytest.importorskip("tensorflow")

@@ -12,8 +12,58 @@ import orbax.checkpoint as ocp
 
 
 class CheckpointMismatchError(ValueError):
-  """A checkpoint given as ``init_checkpoint`` does not fit the configured model (missing or
-  unexpected parameters, other shapes); ``visrep_jax.main`` prints it as one line."""
+  """A checkpoint does not fit the configured model: one given as ``init_checkpoint``, or the
+  workdir's own checkpoint when a run resumes with another config (missing or unexpected
+  entries, other shapes); ``visrep_jax.main`` prints it as one line. ``missing``,
+  ``unexpected`` and ``shapes`` (``(key, stored, wanted)``) list the differences where known."""
+
+  def __init__(self, message: str, missing=(), unexpected=(), shapes=()):
+    super().__init__(message)
+    self.missing, self.unexpected, self.shapes = list(missing), list(unexpected), list(shapes)
+
+
+def _mismatch_hint(missing, unexpected) -> str:
+  """What to do about a checkpoint whose entries differ from the model's."""
+  keys = list(missing) + list(unexpected)
+  if keys and all("['layer1_0']['downsample" in k for k in keys):
+    # Only the projection shortcut of layer1's first block differs: meta-dataset's ResNet-34
+    # has it, torchvision's not (the few-shot configs switched to it on 2026-11-27).
+    return (f"set --config.model.downsample_first_stage="
+            f"{not any('downsample' in k for k in missing)} to match the checkpoint's layer1")
+  return "is config.model the checkpoint's model?"
+
+
+def _key_names(path) -> str:
+  """A tree path as ``['a']['b'][0]`` whether its entries are dict keys, attributes (a
+  ``TrainState``) or indices, so that a train state and orbax's stored tree compare."""
+  out = []
+  for k in path:
+    name = getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
+    out.append(f"[{name}]" if isinstance(name, int) else f"['{name}']")
+  return "".join(out)
+
+
+def _leaves(tree) -> Dict[str, Any]:
+  """Arrays (anything with a shape) and empty dicts (e.g. a train state's ``ema={}``) by key."""
+  leaves = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: x is None or hasattr(x, "shape") or (isinstance(x, dict) and not x))[0]
+  return {_key_names(p): x for p, x in leaves if x is not None}
+
+
+def _differences(stored, wanted):
+  """(missing, unexpected, shapes) between two trees of arrays / shape structs / metadata."""
+  s, w = _leaves(stored), _leaves(wanted)
+  order = lambda k: (k.startswith("['opt_state']"), k)  # parameters first, then their moments
+  missing = sorted((k for k in w if k not in s), key=order)
+  unexpected = sorted((k for k in s if k not in w), key=order)
+  shapes = sorted(((k, tuple(s[k].shape), tuple(w[k].shape)) for k in w
+                   if k in s and hasattr(s[k], "shape") and hasattr(w[k], "shape")
+                   and tuple(s[k].shape) != tuple(w[k].shape)), key=lambda t: order(t[0]))
+  return missing, unexpected, shapes
+
+
+def _listing(keys, n=6) -> str:
+  return f"{keys[:n]}{' ...' if len(keys) > n else ''}"
 
 
 class Checkpointer:
@@ -36,9 +86,38 @@ class Checkpointer:
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
 
   def restore(self, abstract_state: Any, step: Optional[int] = None) -> Tuple[Any, Dict[str, Any]]:
+    """The train state and meta of ``step`` (default: the latest). A stored state whose entries
+    or shapes differ from ``abstract_state`` (the run resumes with another model or optimizer
+    config) raises ``CheckpointMismatchError`` naming the differences."""
     step = self.latest_step() if step is None else step
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    except ValueError as e:
+      try:
+        meta = self.manager.item_metadata(step)["state"]
+        missing, unexpected, shapes = _differences(getattr(meta, "tree", meta), abstract_state)
+      except Exception:  # pylint: disable=broad-except  (no readable metadata: orbax's error)
+        raise e from None
+      if not (missing or unexpected or shapes):
+        raise
+      found = "; ".join(part for part in (
+          missing and f"missing {_listing(missing)}",
+          unexpected and f"unexpected {_listing(unexpected)}",
+          shapes and "other shapes " + ", ".join(f"{k} {a} (config: {b})"
+                                                 for k, a, b in shapes[:4])) if part)
+      workdir = os.path.dirname(self.directory)
+      keys = missing + unexpected + [k for k, _, _ in shapes]
+      if all(k.startswith("['opt_state']") for k in keys):
+        hint = "the optimizer config (config.optimizer) differs from the checkpoint's."
+      else:
+        hint = _mismatch_hint(missing, unexpected)
+        hint += "" if hint.endswith("?") else "."
+      raise CheckpointMismatchError(
+          f"the checkpoint {self.directory}/{step} does not fit this config's train state: "
+          f"{found} ({hint} To resume, use the config it was "
+          f"trained with, in {os.path.join(workdir, 'config.json')}; or give another "
+          "--workdir.)", missing, unexpected, shapes) from None
     return restored["state"], dict(restored["meta"] or {})
 
   def wait(self):
@@ -166,17 +245,11 @@ def load_variables(path: str, abstract_params: Any, abstract_model_state: Any = 
     missing = sorted(jax.tree_util.keystr(k) for k in a_flat if k not in s_flat)
     extra = sorted(jax.tree_util.keystr(k) for k in s_flat if k not in a_flat)
     if missing or extra:
-      hint = "is config.model the checkpoint's model?"
-      if all("['layer1_0']['downsample" in k for k in missing + extra):
-        # Only the projection shortcut of layer1's first block differs: meta-dataset's ResNet-34
-        # has it, torchvision's not (the few-shot configs switched to it on 2026-11-27).
-        hint = (f"set --config.model.downsample_first_stage="
-                f"{not any('downsample' in k for k in missing)} to match the checkpoint's "
-                "layer1")
       raise CheckpointMismatchError(
           f"checkpoint {path} does not match the model's {what}: missing {missing[:8]}"
           f"{' ...' if len(missing) > 8 else ''}, unexpected {extra[:8]}"
-          f"{' ...' if len(extra) > 8 else ''} ({hint})")
+          f"{' ...' if len(extra) > 8 else ''} ({_mismatch_hint(missing, extra)})",
+          missing, extra)
     try:
       return jax.tree_util.tree_map_with_path(place, abstract, stored)
     except ValueError as e:

@@ -432,9 +432,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     ckpt_lib.set_aside(os.path.join(workdir, "best"),
                        f"{best_path} is missing, the best-validation record restarts")
   best_ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "best"), keep=1, async_save=False)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as fh:
-      fh.write(config.to_json_best_effort(indent=2))
 
   start = 0
   latest = ckpt.latest_step()
@@ -453,6 +450,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     state = state.replace(params=dict(state.params, backbone=params),
                           model_state=model_state or state.model_state)
     _log("Initialised the backbone from %s.", config.init_checkpoint)
+  if jax.process_index() == 0:
+    # Only now: a resume that does not fit (another model) keeps the record of the trained one,
+    # which fewshot_viz and fewshot_table rebuild the model from.
+    with open(os.path.join(workdir, "config.json"), "w") as fh:
+      fh.write(config.to_json_best_effort(indent=2))
 
   valid_names = list(e.valid_sources)
   valid = _open_eval_sources(config, "valid", valid_names, b["shapes"]) if valid_names else []

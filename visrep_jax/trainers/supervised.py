@@ -196,9 +196,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   eval_batch = config.eval_batch_size or config.batch_size
   writer = metrics_lib.MetricWriter(workdir)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
 
   start_step = 0
   latest = ckpt.latest_step()
@@ -224,6 +221,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       state = state.replace(ema=jax.tree.map(lambda x: x.copy(), {
           "params": state.params, "model_state": state.model_state}))
     _log("Initialised parameters from %s.", config.init_checkpoint)
+  if jax.process_index() == 0:
+    # Only now: a resume that does not fit (another model) keeps the record of the trained one.
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
 
   eval_input = pipeline.make_eval(b["source"], config.dataset.eval_split, config.dataset.eval_pp,
                                   eval_batch // pc, skip_corrupt=config.dataset.skip_corrupt)
@@ -402,8 +403,9 @@ def _restore(ckpt, step: int, state, state_shardings):
   abstract = ckpt_lib.abstract_with_shardings(jax.eval_shape(lambda s: s, state), state_shardings)
   try:
     return ckpt.restore(abstract, step)
-  except ValueError as e:
-    if "ema" not in str(e):
+  except ckpt_lib.CheckpointMismatchError as e:
+    first = e
+    if e.shapes or not all(k.startswith("['ema']") for k in e.missing + e.unexpected):
       raise
   fields = {k: getattr(abstract, k) for k in ("step", "params", "opt_state", "model_state")}
   full_ema = {"params": abstract.params, "model_state": abstract.model_state}
@@ -413,9 +415,9 @@ def _restore(ckpt, step: int, state, state_shardings):
     try:
       restored, meta = ckpt.restore(candidate, step)
       break
-    except ValueError:
+    except ckpt_lib.CheckpointMismatchError:
       if i == len(candidates) - 1:
-        raise
+        raise first from None
   restored.pop("ema", None)
   restored = common.TrainState(**restored)
   if state.ema:
