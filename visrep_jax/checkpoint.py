@@ -53,7 +53,8 @@ def _leaves(tree) -> Dict[str, Any]:
 def _differences(stored, wanted):
   """(missing, unexpected, shapes) between two trees of arrays / shape structs / metadata."""
   s, w = _leaves(stored), _leaves(wanted)
-  order = lambda k: (k.startswith("['opt_state']"), k)  # parameters first, then their moments
+  # Parameters and model state first, then the optimizer's moments, then the weight EMA.
+  order = lambda k: (k.startswith("['ema']"), k.startswith("['opt_state']"), k)
   missing = sorted((k for k in w if k not in s), key=order)
   unexpected = sorted((k for k in s if k not in w), key=order)
   shapes = sorted(((k, tuple(s[k].shape), tuple(w[k].shape)) for k in w
@@ -99,26 +100,51 @@ class Checkpointer:
         missing, unexpected, shapes = _differences(getattr(meta, "tree", meta), abstract_state)
       except Exception:  # pylint: disable=broad-except  (no readable metadata: orbax's error)
         raise e from None
-      if not (missing or unexpected or shapes):
+      orbax_says = " ".join(l.strip() for l in str(e).splitlines() if l.strip())
+      if not (missing or unexpected or shapes or "structure" in orbax_says.lower()):
         raise
-      found = "; ".join(part for part in (
-          missing and f"missing {_listing(missing)}",
-          unexpected and f"unexpected {_listing(unexpected)}",
-          shapes and "other shapes " + ", ".join(f"{k} {a} (config: {b})"
-                                                 for k, a, b in shapes[:4])) if part)
-      workdir = os.path.dirname(self.directory)
-      keys = missing + unexpected + [k for k, _, _ in shapes]
-      if all(k.startswith("['opt_state']") for k in keys):
-        hint = "the optimizer config (config.optimizer) differs from the checkpoint's."
+      keys = [k for k in missing + unexpected + [k for k, _, _ in shapes]
+              if not k.startswith("['ema']")]
+      if not (missing or unexpected or shapes):
+        # Only containers differ, e.g. an optax chain of another length (adamw -> lamb) whose
+        # extra entries hold no arrays: orbax's own description, on one line.
+        found = orbax_says[:400]
+        hint = ("the optimizer config (config.optimizer) differs from the checkpoint's."
+                if "opt_state" in orbax_says else "is config.model the checkpoint's model?")
       else:
-        hint = _mismatch_hint(missing, unexpected)
-        hint += "" if hint.endswith("?") else "."
+        found = "; ".join(part for part in (
+            missing and f"missing {_listing(missing)}",
+            unexpected and f"unexpected {_listing(unexpected)}",
+            shapes and "other shapes " + ", ".join(f"{k} {a} (config: {b})"
+                                                   for k, a, b in shapes[:4])
+            + (" ..." if len(shapes) > 4 else "")) if part)
+        if keys and all(k.startswith("['opt_state']") for k in keys):
+          hint = "the optimizer config (config.optimizer) differs from the checkpoint's."
+        elif keys:
+          hint = _mismatch_hint([k for k in missing if k in keys],
+                                [k for k in unexpected if k in keys])
+          hint += "" if hint.endswith("?") else "."
+        else:
+          hint = ""
+        if len(keys) < len(missing) + len(unexpected) + len(shapes):
+          hint += " The weight EMA (config.ema.decay) differs too." if hint else (
+              "The weight EMA (config.ema.decay) differs.")
+      config_json = self.config_json()
       raise CheckpointMismatchError(
           f"the checkpoint {self.directory}/{step} does not fit this config's train state: "
-          f"{found} ({hint} To resume, use the config it was "
-          f"trained with, in {os.path.join(workdir, 'config.json')}; or give another "
-          "--workdir.)", missing, unexpected, shapes) from None
+          f"{found} ({hint.strip()} Use the config it was trained with"
+          f"{', in ' + config_json if config_json else ''}, or another --workdir.)",
+          missing, unexpected, shapes) from None
     return restored["state"], dict(restored["meta"] or {})
+
+  def config_json(self) -> Optional[str]:
+    """The ``config.json`` of the run that wrote these checkpoints (``WORKDIR/checkpoints`` or
+    ``WORKDIR/best/checkpoints``), if there is one."""
+    d = os.path.dirname(self.directory)
+    for candidate in (d, os.path.dirname(d)):
+      if os.path.exists(os.path.join(candidate, "config.json")):
+        return os.path.join(candidate, "config.json")
+    return None
 
   def wait(self):
     self.manager.wait_until_finished()

@@ -275,7 +275,8 @@ def main(argv=None) -> int:
     path = attention_figure(b["backbone"], b["head"], state.params, state.model_state, episode,
                             query_index=args.query_index, max_support=args.max_support,
                             out_png=out, bn_mode=args.bn or config.fewshot.bn_test_mode)
-  except (FewshotVizError, ConfigError, EpisodeError, DataError, UnknownNameError) as e:
+  except (FewshotVizError, ConfigError, EpisodeError, DataError, UnknownNameError,
+          ckpt_lib.CheckpointMismatchError) as e:
     print(f"error: {(str(e).splitlines() or [repr(e)])[0]}", file=sys.stderr)
     return 2
   print(f"wrote {path} (checkpoint step {step}, {source}:{args.split} episode {args.seed}, "
