@@ -394,6 +394,11 @@ def test_resume_with_another_model_is_one_error_naming_the_differences(tmp_path)
   assert ("set --config.model.downsample_first_stage=False to match the checkpoint's layer1. "
           "The weight EMA (config.ema.decay) differs too.") in str(e)
   ckpt.close()
+  # The few-shot trainer's WORKDIR/best checkpoints name the run's config.json too.
+  best = ckpt_lib.Checkpointer(str(tmp_path / "w" / "best"), async_save=False)
+  assert best.config_json() == str(tmp_path / "w" / "config.json")
+  best.close()
+  assert ckpt_lib.Checkpointer(str(tmp_path / "v"), async_save=False).config_json() is None
 
 
 def test_exponential_schedule_matches_tensorflow_exponential_decay():
