@@ -91,51 +91,63 @@ class Checkpointer:
     or shapes differ from ``abstract_state`` (the run resumes with another model or optimizer
     config) raises ``CheckpointMismatchError`` naming the differences."""
     step = self.latest_step() if step is None else step
+    differences = self._differences(abstract_state, step)
+    if differences and differences[2]:
+      # Other shapes: fail before orbax starts reading (it would fail mid-read, leaving its
+      # reads unawaited, and each of them prints a report at exit).
+      raise self._mismatch(step, *differences)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     except ValueError as e:
-      try:
-        meta = self.manager.item_metadata(step)["state"]
-        missing, unexpected, shapes = _differences(getattr(meta, "tree", meta), abstract_state)
-      except Exception:  # pylint: disable=broad-except  (no readable metadata: orbax's error)
-        raise e from None
       orbax_says = " ".join(l.strip() for l in str(e).splitlines() if l.strip())
-      if not (missing or unexpected or shapes or "structure" in orbax_says.lower()):
+      if differences is None or not (any(differences) or "structure" in orbax_says.lower()):
         raise
-      keys = [k for k in missing + unexpected + [k for k, _, _ in shapes]
-              if not k.startswith("['ema']")]
-      if not (missing or unexpected or shapes):
-        # Only containers differ, e.g. an optax chain of another length (adamw -> lamb) whose
-        # extra entries hold no arrays: orbax's own description, on one line.
-        found = orbax_says[:400]
-        hint = ("the optimizer config (config.optimizer) differs from the checkpoint's."
-                if "opt_state" in orbax_says else "is config.model the checkpoint's model?")
-      else:
-        found = "; ".join(part for part in (
-            missing and f"missing {_listing(missing)}",
-            unexpected and f"unexpected {_listing(unexpected)}",
-            shapes and "other shapes " + ", ".join(f"{k} {a} (config: {b})"
-                                                   for k, a, b in shapes[:4])
-            + (" ..." if len(shapes) > 4 else "")) if part)
-        if keys and all(k.startswith("['opt_state']") for k in keys):
-          hint = "the optimizer config (config.optimizer) differs from the checkpoint's."
-        elif keys:
-          hint = _mismatch_hint([k for k in missing if k in keys],
-                                [k for k in unexpected if k in keys])
-          hint += "" if hint.endswith("?") else "."
-        else:
-          hint = ""
-        if len(keys) < len(missing) + len(unexpected) + len(shapes):
-          hint += " The weight EMA (config.ema.decay) differs too." if hint else (
-              "The weight EMA (config.ema.decay) differs.")
-      config_json = self.config_json()
-      raise CheckpointMismatchError(
-          f"the checkpoint {self.directory}/{step} does not fit this config's train state: "
-          f"{found} ({hint.strip()} Use the config it was trained with"
-          f"{', in ' + config_json if config_json else ''}, or another --workdir.)",
-          missing, unexpected, shapes) from None
+      raise self._mismatch(step, *differences, orbax_says=orbax_says) from None
     return restored["state"], dict(restored["meta"] or {})
+
+  def _differences(self, abstract_state: Any, step: int):
+    """(missing, unexpected, shapes) between the stored state of ``step`` and ``abstract_state``
+    from orbax's metadata; None when that cannot be read (orbax's restore then speaks)."""
+    try:
+      meta = self.manager.item_metadata(step)["state"]
+      return _differences(getattr(meta, "tree", meta), abstract_state)
+    except Exception:  # pylint: disable=broad-except
+      return None
+
+  def _mismatch(self, step, missing, unexpected, shapes, orbax_says: str = ""):
+    keys = [k for k in missing + unexpected + [k for k, _, _ in shapes]
+            if not k.startswith("['ema']")]
+    if not (missing or unexpected or shapes):
+      # Only containers differ, e.g. an optax chain of another length (adamw -> lamb) whose
+      # extra entries hold no arrays: orbax's own description, on one line.
+      found = orbax_says[:400]
+      hint = ("the optimizer config (config.optimizer) differs from the checkpoint's."
+              if "opt_state" in orbax_says else "is config.model the checkpoint's model?")
+    else:
+      found = "; ".join(part for part in (
+          missing and f"missing {_listing(missing)}",
+          unexpected and f"unexpected {_listing(unexpected)}",
+          shapes and "other shapes " + ", ".join(f"{k} {a} (config: {b})"
+                                                 for k, a, b in shapes[:4])
+          + (" ..." if len(shapes) > 4 else "")) if part)
+      if keys and all(k.startswith("['opt_state']") for k in keys):
+        hint = "the optimizer config (config.optimizer) differs from the checkpoint's."
+      elif keys:
+        hint = _mismatch_hint([k for k in missing if k in keys],
+                              [k for k in unexpected if k in keys])
+        hint += "" if hint.endswith("?") else "."
+      else:
+        hint = ""
+      if len(keys) < len(missing) + len(unexpected) + len(shapes):
+        hint += (" The weight EMA (config.ema.decay) differs too." if hint else
+                 "The weight EMA (config.ema.decay) differs.")
+    config_json = self.config_json()
+    return CheckpointMismatchError(
+        f"the checkpoint {self.directory}/{step} does not fit this config's train state: "
+        f"{found} ({hint.strip()} Use the config it was trained with"
+        f"{', in ' + config_json if config_json else ''}, or another --workdir.)",
+        missing, unexpected, shapes)
 
   def config_json(self) -> Optional[str]:
     """The ``config.json`` of the run that wrote these checkpoints (``WORKDIR/checkpoints`` or
