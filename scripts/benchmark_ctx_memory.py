@@ -36,6 +36,7 @@ against plain (issue target: <= 1.3x).
   python scripts/benchmark_ctx_memory.py [--ways=50] [--support=500] [--queries=50] [--hw=14]
       [--channels=512] [--chunk=5[,10,...]] [--dtype=float32] [--time] [--time_queries=10]
       [--steps=5] [--class_sum] [--configs=remat+chunk5,ckpt+chunk5]
+      [--class_sum_impl=segment|matmul]
 
 A configuration that does not compile or run (XLA's GPU autotuner runs kernels while compiling,
 so e.g. chunk5 at 500 queries, whose kept attention is 36 GiB, can run out of memory there) is
@@ -116,7 +117,8 @@ def episode_specs(args, num_queries):
 
 
 def compiled_step(args, config, num_queries):
-  model = fewshot.CrossTransformer(dtype=jnp.dtype(args.dtype), **config)
+  model = fewshot.CrossTransformer(dtype=jnp.dtype(args.dtype),
+                                   class_sum_impl=args.class_sum_impl, **config)
   specs = episode_specs(args, num_queries)
   params = jax.eval_shape(functools.partial(model.init, num_classes=args.ways),
                           jax.random.PRNGKey(0), *specs[:4])["params"]
@@ -175,7 +177,8 @@ def time_report(args):
   if args.configs:  # chunk sizes >= the queries are not timed
     configs = {k: v for k, v in configs.items() if k == "plain" or k in args.configs}
   for name, config in configs.items():
-    model = fewshot.CrossTransformer(dtype=jnp.dtype(args.dtype), **config)
+    model = fewshot.CrossTransformer(dtype=jnp.dtype(args.dtype),
+                                     class_sum_impl=args.class_sum_impl, **config)
     try:
       params = model.init(jax.random.PRNGKey(0), *data[:4], args.ways)["params"]
       step = jax.jit(make_train_step(model, args.ways))
@@ -241,6 +244,9 @@ def parse_args(argv=None):
   p.add_argument("--time", action="store_true", help="also time steps (needs the memory)")
   p.add_argument("--time_queries", type=int, default=10)
   p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--class_sum_impl", choices=fewshot.CLASS_SUM_IMPLS, default=None,
+                 help="the class sum of Eq. (2) in every configuration's step (default: by "
+                      "the backend, segment on CPU, matmul elsewhere)")
   p.add_argument("--class_sum", action="store_true",
                  help="also time the two implementations of the class sum of Eq. (2)")
   return p.parse_args(argv)

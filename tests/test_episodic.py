@@ -34,6 +34,16 @@ def test_config_errors():
   c.fewshot.remat_impl = "flash"
   with pytest.raises(ConfigError, match="fewshot.remat_impl.*fused, checkpoint"):
     config_lib.validate(c)
+  c = load_config("ctx", "variant=ctx,runlocal")
+  c.fewshot.class_sum_impl = "scatter"
+  with pytest.raises(ConfigError, match="fewshot.class_sum_impl='scatter' is not valid; choose "
+                                        "'' \\(by the backend\\), 'segment' or 'matmul'"):
+    config_lib.validate(c)
+  c.fewshot.class_sum_impl = "segment"  # and it reaches the head
+  config_lib.validate(c)
+  assert episodic.make_head(c).class_sum_impl == "segment"
+  c.fewshot.class_sum_impl = ""
+  assert episodic.make_head(c).class_sum_impl is None
   c = load_config("ctx", "variant=ctx")
   c.episodes.data_dir = ""
   with pytest.raises(ConfigError, match="data_dir is empty"):

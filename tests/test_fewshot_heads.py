@@ -284,6 +284,36 @@ def test_class_sum_segment_and_matmul_agree_and_drop_padding():
     fewshot._class_sum(x, seg, 4, impl="scatter")
 
 
+@pytest.mark.parametrize("impl", ["segment", "matmul"])
+def test_ctx_class_sum_impl_changes_no_value_and_no_gradient(impl):
+  # CrossTransformer.class_sum_impl, plain and fused (prototypes recomputed in the backward,
+  # 2-query chunks), against the backend's default in float64; the option reaches the forward.
+  with jax.enable_x64(True):
+    query, support = _episode(seed=12, num_query=5, dtype=np.float64)
+    plain = _ctx(dtype=jnp.float64)
+    params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float64),
+                                    _init(plain, query, support)["params"])
+    args = (params, jnp.asarray(query), jnp.asarray(support))
+
+    def objective(model, params, query, support):
+      logits = model.apply({"params": params}, query, support, LABELS, MASK, NUM_CLASSES)
+      return jnp.sum(jnp.where(logits > NO_SUPPORT / 2, logits, 0.0) ** 2)
+
+    v0, g0 = jax.value_and_grad(functools.partial(objective, plain), argnums=(0, 1, 2))(*args)
+    for model in (_ctx(dtype=jnp.float64, class_sum_impl=impl),
+                  _ctx(dtype=jnp.float64, class_sum_impl=impl, remat=True, query_chunk_size=2,
+                       keep_prototypes=False)):
+      v1, g1 = jax.value_and_grad(functools.partial(objective, model), argnums=(0, 1, 2))(*args)
+      np.testing.assert_allclose(v1, v0, rtol=1e-13)
+      for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+      forward = str(jax.make_jaxpr(lambda p: model.apply({"params": p}, *args[1:], LABELS, MASK,
+                                                         NUM_CLASSES))(params))
+      assert ("scatter-add" in forward) == (impl == "segment"), impl
+  with pytest.raises(ValueError, match="class_sum_impl must be one of segment, matmul or None"):
+    _init(_ctx(class_sum_impl="scatter"), query.astype(np.float32), support.astype(np.float32))
+
+
 def test_ctx_fused_keeps_prototypes_only_when_they_fit_in_one_chunk():
   # (queries, chunk, ways, value dim, support images, support positions): the training episode
   # of the benchmark (50 queries, 50 ways, 500 support, 14x14, 5-query chunks) keeps them;
@@ -472,7 +502,7 @@ def test_memory_benchmark_script_runs_on_a_tiny_episode():
   with contextlib.redirect_stdout(out):
     results = module.main(["--ways=3", "--support=6", "--queries=4", "--hw=2", "--channels=8",
                            "--chunk=2", "--configs=remat+chunk2,ckpt+chunk2", "--time",
-                           "--time_queries=4", "--steps=1"])
+                           "--time_queries=4", "--steps=1", "--class_sum_impl=matmul"])
   text = out.getvalue()
   assert set(results) == {"plain", "remat+chunk2"}, text
   assert ("ckpt+chunk2: did not compile (RuntimeError: EXECUTION FAILED: RESOURCE_EXHAUSTED: "

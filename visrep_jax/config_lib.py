@@ -194,6 +194,9 @@ def base_config() -> ml_collections.ConfigDict:
   # backward forms the whole attention and its gradient at once (on an H200, 16.9 GiB against
   # plain's 12.4 for a 50-query, 500-support episode; 5-query chunks: 2.1 GiB at 1.10x the time).
   c.fewshot.query_chunk_size = 5
+  # ctx: Eq. (2)'s class sum: '' (by the backend: segment sum on CPU, one-hot matmul elsewhere,
+  # deterministic), 'segment' or 'matmul' (visrep_jax/models/fewshot.py::_class_sum).
+  c.fewshot.class_sum_impl = ""
   c.fewshot.bn_test_mode = "ema"   # ema (running statistics) | support (support-set statistics)
   # CrossTransformers "+LR" (trainers/episodic.py): at evaluation, a logistic regression on the
   # support set's pooled l2-normalised features; prediction = argmax(head + lr_lambda * LR).
@@ -371,6 +374,9 @@ def _validate_episodic(config):
   e, f = config.episodes, config.fewshot
   _choice(f.head, ("protonet", "ctx"), "fewshot.head")
   _choice(f.remat_impl, ("fused", "checkpoint"), "fewshot.remat_impl")
+  _check(f.get("class_sum_impl", "") in ("", "segment", "matmul"),
+         f"config.fewshot.class_sum_impl={f.get('class_sum_impl')!r} is not valid; choose '' "
+         "(by the backend), 'segment' or 'matmul'.")
   _choice(f.bn_test_mode, ("ema", "support"), "fewshot.bn_test_mode")
   _check(bool(e.data_dir), "config.episodes.data_dir is empty: point it at the converted "
          "Meta-Dataset sources (python -m visrep_jax.data.md_convert; the mini benchmark: "

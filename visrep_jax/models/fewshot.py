@@ -44,6 +44,9 @@ Dtype = Any
 NO_SUPPORT_LOGIT = -1e9
 # CrossTransformer.remat_impl: how the attention is recomputed in the backward pass.
 REMAT_IMPLS = ("fused", "checkpoint")
+# CrossTransformer.class_sum_impl: how Eq. (2) sums over each class's support images
+# (``_class_sum``; None picks by the backend).
+CLASS_SUM_IMPLS = ("segment", "matmul")
 
 
 def _check_num_classes(num_classes) -> int:
@@ -126,7 +129,7 @@ class PrototypicalHead(nn.Module):
 
 
 def _ctx_block(q, w, k, v, labels, valid, num_classes: int, scale: float,
-               no_support_logit: float, precision):
+               no_support_logit: float, precision, class_sum_impl: Optional[str] = None):
   """The CTX forward for a block of queries, in the compute dtype (see ``ctx_attend``).
 
   Returns (logits [n, C], (e [n, P, S, M], beta [n, P, S]), lse [n, P, C], t [n, P, C, e]):
@@ -162,7 +165,8 @@ def _ctx_block(q, w, k, v, labels, valid, num_classes: int, scale: float,
 
   # Eq. (2): query-aligned prototypes t[n, p, c] = sum_{s in c, m} softmax(a) v_sm.
   u = jnp.einsum("npsm,sme->npse", e, v, precision=precision)                   # [n, P, S, e]
-  t = _class_sum(u * beta[..., None], seg, num_classes, precision)              # [n, P, C, e]
+  t = _class_sum(u * beta[..., None], seg, num_classes, precision,
+                 class_sum_impl)                                                # [n, P, C, e]
 
   # Eq. (3): mean over query positions of the squared Euclidean distance; logits = -d.
   dist = jnp.mean(jnp.sum(jnp.square(w[:, :, None, :] - t), axis=-1), axis=1)   # [n, C]
@@ -187,7 +191,9 @@ def _class_sum(x, seg, num_classes: int, precision=None, impl: Optional[str] = N
     scatters are slow on TPU). The two agree up to float rounding (tested). On one H200
     (2026-11-27) the segment sum is faster in isolation too (5-query chunk: 0.3 vs 0.6 ms at 50
     classes, 0.7 vs 0.8 ms at 500), but the whole step stays within 1.10x of the plain one
-    (README), so determinism wins there."""
+    (README), so determinism wins there by default; ``CrossTransformer.class_sum_impl`` (config
+    ``fewshot.class_sum_impl``) picks either, and ``scripts/benchmark_ctx_memory.py
+    --class_sum_impl=segment`` times whole steps with it."""
   if impl is None:
     impl = "segment" if jax.default_backend() == "cpu" else "matmul"
   if impl == "segment":
@@ -211,7 +217,8 @@ def _keeps_prototypes(n: int, chunk_size: Optional[int], num_classes: int, value
 
 def ctx_attend(queries, query_values, keys, values, support_labels, valid, num_classes: int,
                scale: float, no_support_logit: float = NO_SUPPORT_LOGIT,
-               return_attention: bool = False, precision=None):
+               return_attention: bool = False, precision=None,
+               class_sum_impl: Optional[str] = None):
   """CTX distances for a block of queries (pure function: the unit that is chunked/remat'ed).
 
   queries [n, P, d], query_values [n, P, e], keys [S, M, d], values [S, M, e] (padded support
@@ -226,11 +233,13 @@ def ctx_attend(queries, query_values, keys, values, support_labels, valid, num_c
   u_s = sum_m e_sm v_sm (one batched matmul) and the aligned prototype of class c is
   t_c = sum_{s in c} exp(max_img_s - LSE_c) u_s, LSE_c being the log-sum-exp of the class.
   The shifts (maxima) are stop_gradient'ed: they cancel exactly, so gradients are unchanged.
+  ``class_sum_impl``: the class sum of Eq. (2), 'segment' or 'matmul' (``_class_sum``; None:
+  by the backend).
   """
   f32 = _compute_dtype(queries)
   logits, (e, beta), _, _ = _ctx_block(
       queries.astype(f32), query_values.astype(f32), keys.astype(f32), values.astype(f32),
-      support_labels, valid, num_classes, scale, no_support_logit, precision)
+      support_labels, valid, num_classes, scale, no_support_logit, precision, class_sum_impl)
   if return_attention:
     return logits, e * beta[..., None]
   return logits
@@ -248,11 +257,12 @@ def _merge_chunks(x, n: int):
   return x.reshape((-1,) + x.shape[2:])[:n]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11, 12))
 def ctx_attend_fused(queries, query_values, keys, values, support_labels, valid,
                      num_classes: int, scale: float, no_support_logit: float = NO_SUPPORT_LOGIT,
                      chunk_size: Optional[int] = None, precision=None,
-                     keep_prototypes: Optional[bool] = None):
+                     keep_prototypes: Optional[bool] = None,
+                     class_sum_impl: Optional[str] = None):
   """``ctx_attend``'s logits [n, C] with a hand-written, memory-saving backward pass.
 
   The forward runs ``chunk_size`` queries at a time and keeps, besides the inputs, only each
@@ -266,7 +276,8 @@ def ctx_attend_fused(queries, query_values, keys, values, support_labels, valid,
   (q k^T), otherwise two (q k^T, p v, and the class sum), where jax.checkpoint recomputes the
   whole forward and differentiates it by autodiff; the peak memory is about that of
   jax.checkpoint + chunking (one chunk's attention, x3 in the backward). ``keep_prototypes``
-  True / False forces the choice (None: ``_keeps_prototypes``). Values and gradients
+  True / False forces the choice (None: ``_keeps_prototypes``); ``class_sum_impl`` as in
+  ``ctx_attend``, for the forward and the recomputed prototypes. Values and gradients
   equal autodiff's up to float rounding (tested, both ways). Reverse mode only: forward-mode
   autodiff (jax.jvp, jacfwd, hessian) of a custom_vjp is an error; use
   remat_impl='checkpoint' for it.
@@ -274,11 +285,12 @@ def ctx_attend_fused(queries, query_values, keys, values, support_labels, valid,
   _check_chunk_size(chunk_size)
   return _ctx_fused_fwd(queries, query_values, keys, values, support_labels, valid,
                         num_classes, scale, no_support_logit, chunk_size, precision,
-                        keep_prototypes)[0]
+                        keep_prototypes, class_sum_impl)[0]
 
 
 def _ctx_fused_fwd(queries, query_values, keys, values, support_labels, valid, num_classes,
-                   scale, no_support_logit, chunk_size, precision, keep_prototypes=None):
+                   scale, no_support_logit, chunk_size, precision, keep_prototypes=None,
+                   class_sum_impl=None):
   f32 = _compute_dtype(queries)
   q, w = queries.astype(f32), query_values.astype(f32)
   k, v = keys.astype(f32), values.astype(f32)
@@ -286,7 +298,7 @@ def _ctx_fused_fwd(queries, query_values, keys, values, support_labels, valid, n
 
   def block(qw):
     logits, _, lse, t = _ctx_block(qw[0], qw[1], k, v, support_labels, valid, num_classes,
-                                   scale, no_support_logit, precision)
+                                   scale, no_support_logit, precision, class_sum_impl)
     return logits, lse, t
 
   keep_t = keep_prototypes
@@ -306,7 +318,7 @@ def _ctx_fused_fwd(queries, query_values, keys, values, support_labels, valid, n
 
 
 def _ctx_fused_bwd(num_classes, scale, no_support_logit, chunk_size, precision, keep_prototypes,
-                   residuals, g):
+                   class_sum_impl, residuals, g):
   queries, query_values, keys, values, support_labels, valid, lse, t = residuals
   f32 = lse.dtype
   q, w = queries.astype(f32), query_values.astype(f32)
@@ -329,7 +341,7 @@ def _ctx_fused_bwd(num_classes, scale, no_support_logit, chunk_size, precision, 
     p = jnp.where(mask, jnp.exp(a - lse_s[..., None]), 0.0)                      # softmax
     if t is None:  # recompute this chunk's aligned prototypes (see _keeps_prototypes)
       t_c = _class_sum(jnp.einsum("npsm,sme->npse", p, v, precision=precision), seg,
-                       num_classes, precision)
+                       num_classes, precision, class_sum_impl)
     else:
       t_c = xs[4]
     # logits = -mean_p sum_e (w - t)^2 (classes with support).
@@ -441,6 +453,7 @@ class CrossTransformer(nn.Module):
   remat_impl: str = "fused"              # 'fused' (ctx_attend_fused) or 'checkpoint'
   query_chunk_size: Optional[int] = None
   keep_prototypes: Optional[bool] = None  # fused remat: None = when they fit in one chunk
+  class_sum_impl: Optional[str] = None   # Eq. (2)'s class sum: 'segment' | 'matmul' | None (auto)
   no_support_logit: float = NO_SUPPORT_LOGIT
   precision: Any = None
   dtype: Dtype = jnp.float32
@@ -469,6 +482,9 @@ class CrossTransformer(nn.Module):
       raise ValueError(f"remat_impl must be one of {', '.join(REMAT_IMPLS)}, got "
                        f"{self.remat_impl!r}")
     _check_chunk_size(self.query_chunk_size)
+    if self.class_sum_impl not in CLASS_SUM_IMPLS + (None,):
+      raise ValueError(f"class_sum_impl must be one of {', '.join(CLASS_SUM_IMPLS)} or None, "
+                       f"got {self.class_sum_impl!r}")
     valid, _, _ = support_validity(support_labels, support_mask, num_classes)
     support_features = _zero_padding(support_features, valid)
 
@@ -490,11 +506,13 @@ class CrossTransformer(nn.Module):
     if self.remat and self.remat_impl == "fused" and not return_attention:
       return ctx_attend_fused(queries, query_values, keys, values, support_labels, valid,
                               num_classes, 1.0 / tau, self.no_support_logit,
-                              self.query_chunk_size, self.precision, self.keep_prototypes)
+                              self.query_chunk_size, self.precision, self.keep_prototypes,
+                              self.class_sum_impl)
     fn = functools.partial(ctx_attend, keys=keys, values=values, support_labels=support_labels,
                            valid=valid, num_classes=num_classes, scale=1.0 / tau,
                            no_support_logit=self.no_support_logit,
-                           return_attention=return_attention, precision=self.precision)
+                           return_attention=return_attention, precision=self.precision,
+                           class_sum_impl=self.class_sum_impl)
     chunked = self.query_chunk_size is not None and self.query_chunk_size < n_q
     if self.remat:
       # Inside lax.map the loop already keeps XLA from merging recomputation into the forward.

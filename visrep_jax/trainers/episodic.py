@@ -100,7 +100,9 @@ def make_head(config):
     return None
   return fewshot.CrossTransformer(key_dim=f.key_dim, value_dim=f.value_dim, remat=f.remat,
                                   remat_impl=f.remat_impl,
-                                  query_chunk_size=f.query_chunk_size or None)
+                                  query_chunk_size=f.query_chunk_size or None,
+                                  # .get: config.json files of older workdirs lack the key.
+                                  class_sum_impl=f.get("class_sum_impl", "") or None)
 
 
 def make_aux_head(config, num_classes: int):
