@@ -417,7 +417,8 @@ class CrossTransformer(nn.Module):
   chunk 5 0.94x; without chunks fused 0.94x, checkpoint 1.16x. On one H200 (50 queries, README):
   plain 12.4 GiB and 30.5 ms; fused remat + chunk 5 2.1 GiB (5.9x less) and 1.10x the step
   time; checkpoint + chunk 5 1.6 GiB and 1.49x; fused remat without chunks 16.9 GiB, more than
-  plain. So set ``query_chunk_size`` whenever ``remat`` is on.
+  plain. So set ``query_chunk_size`` whenever ``remat`` is on. ``class_sum_impl`` picks Eq. (2)'s
+  class sum (``_class_sum``: 'segment' or 'matmul'; None: segment on CPU, matmul elsewhere).
   Neither changes a value or a gradient (up to float rounding of reordered sums).
 
   Ambiguities (spec crosstransformers.md §1.3 and §8) and the choices made:
