@@ -36,7 +36,7 @@ against plain (issue target: <= 1.3x).
   python scripts/benchmark_ctx_memory.py [--ways=50] [--support=500] [--queries=50] [--hw=14]
       [--channels=512] [--chunk=5[,10,...]] [--dtype=float32] [--time] [--time_queries=10]
       [--steps=5] [--class_sum] [--configs=remat+chunk5,ckpt+chunk5]
-      [--class_sum_impl=segment|matmul]
+      [--class_sum_impl=segment|matmul] [--no_memory]
 
 A configuration that does not compile or run (XLA's GPU autotuner runs kernels while compiling,
 so e.g. chunk5 at 500 queries, whose kept attention is 36 GiB, can run out of memory there) is
@@ -135,7 +135,8 @@ def gib(n):
 def memory_report(args):
   results = {}
   attention = args.queries * args.hw ** 2 * args.support * args.hw ** 2 * 4
-  print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}); episode: "
+  print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}); class sum: "
+        f"{args.class_sum_impl or 'by the backend'}; episode: "
         f"{args.ways}-way, {args.support} support, {args.queries} queries (batch of queries "
         f"used here), {args.hw}x{args.hw}x{args.channels} {args.dtype} features; one float32 "
         f"attention tensor [Q, hw, S, hw] = {gib(attention).strip()}")
@@ -171,7 +172,8 @@ def time_report(args):
           (np.arange(q) % ways).astype(np.int32))
   data = jax.device_put(data)
   times = {}
-  print(f"timing: {q} queries, {args.steps} steps after one warm-up, median step time")
+  print(f"timing: {q} queries, {args.steps} steps after one warm-up, median step time; class "
+        f"sum: {args.class_sum_impl or 'by the backend'}")
   chunks = [c for c in args.chunk if c < q] or [1]
   configs = configurations(chunks)
   if args.configs:  # chunk sizes >= the queries are not timed
@@ -247,6 +249,8 @@ def parse_args(argv=None):
   p.add_argument("--class_sum_impl", choices=fewshot.CLASS_SUM_IMPLS, default=None,
                  help="the class sum of Eq. (2) in every configuration's step (default: by "
                       "the backend, segment on CPU, matmul elsewhere)")
+  p.add_argument("--no_memory", action="store_true",
+                 help="skip the memory report (compile-only), e.g. when only --time is wanted")
   p.add_argument("--class_sum", action="store_true",
                  help="also time the two implementations of the class sum of Eq. (2)")
   return p.parse_args(argv)
@@ -254,7 +258,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
   args = parse_args(argv)
-  results = memory_report(args)
+  results = {} if args.no_memory else memory_report(args)
   if args.time:
     time_report(args)
   if args.class_sum:

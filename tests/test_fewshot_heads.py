@@ -310,6 +310,9 @@ def test_ctx_class_sum_impl_changes_no_value_and_no_gradient(impl):
       forward = str(jax.make_jaxpr(lambda p: model.apply({"params": p}, *args[1:], LABELS, MASK,
                                                          NUM_CLASSES))(params))
       assert ("scatter-add" in forward) == (impl == "segment"), impl
+      if impl == "matmul":  # nor in the fused backward's recomputed prototypes
+        backward = str(jax.make_jaxpr(jax.grad(functools.partial(objective, model)))(*args))
+        assert "scatter-add" not in backward
   with pytest.raises(ValueError, match="class_sum_impl must be one of segment, matmul or None"):
     _init(_ctx(class_sum_impl="scatter"), query.astype(np.float32), support.astype(np.float32))
 
@@ -468,7 +471,7 @@ def test_protonet_closed_form_toy():
 # ---------------------------------------------------------------------------------- benchmark
 
 
-def test_memory_benchmark_script_runs_on_a_tiny_episode():
+def test_memory_benchmark_script_runs_on_a_tiny_episode(monkeypatch):
   spec = importlib.util.spec_from_file_location(
       "benchmark_ctx_memory", os.path.join(REPO, "scripts", "benchmark_ctx_memory.py"))
   module = importlib.util.module_from_spec(spec)
@@ -498,18 +501,36 @@ def test_memory_benchmark_script_runs_on_a_tiny_episode():
     return real_compiled_step(args, config, num_queries)
 
   module.compiled_step = compiled_step
+  impls = []
+  real_class_sum = fewshot._class_sum
+
+  def class_sum(*a, **kw):
+    impls.append(a[4] if len(a) > 4 else kw.get("impl"))
+    return real_class_sum(*a, **kw)
+
+  monkeypatch.setattr(fewshot, "_class_sum", class_sum)
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
     results = module.main(["--ways=3", "--support=6", "--queries=4", "--hw=2", "--channels=8",
                            "--chunk=2", "--configs=remat+chunk2,ckpt+chunk2", "--time",
                            "--time_queries=4", "--steps=1", "--class_sum_impl=matmul"])
   text = out.getvalue()
+  assert impls and set(impls) == {"matmul"}, impls  # --class_sum_impl reaches every step
+  assert "class sum: matmul" in text, text
   assert set(results) == {"plain", "remat+chunk2"}, text
   assert ("ckpt+chunk2: did not compile (RuntimeError: EXECUTION FAILED: RESOURCE_EXHAUSTED: "
           "Out of memory while trying to allocate 35.79GiB)") in text, text
   timed = [l.split(":")[0].strip() for l in text.split("timing:")[1].splitlines()[1:]
            if " ms  slowdown vs plain" in l]
   assert timed == ["plain", "remat+chunk2", "ckpt+chunk2"], text
+  # --no_memory: timings only (no compile-only memory report).
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    results = module.main(["--ways=3", "--support=6", "--queries=4", "--hw=2", "--channels=8",
+                           "--chunk=2", "--configs=remat+chunk2", "--time", "--time_queries=4",
+                           "--steps=1", "--no_memory"])
+  assert results == {} and "temp_size_in_bytes" not in out.getvalue()
+  assert "remat+chunk2:" in out.getvalue().split("timing:")[1], out.getvalue()
   with pytest.raises(SystemExit, match=re.escape("unknown --configs remat+chunk3; choose from "
                                                  "plain, remat, ckpt, chunk2, remat+chunk2")):
     module.main(["--ways=3", "--support=6", "--queries=4", "--hw=2", "--channels=8",

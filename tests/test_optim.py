@@ -366,8 +366,10 @@ def test_resume_with_another_model_is_one_error_naming_the_differences(tmp_path)
   # Another head (class count): the parameter comes first, with both shapes. Found before
   # orbax reads anything (its reads, failing mid-way, would each print a report at exit).
   orbax_restore, ckpt.manager.restore = ckpt.manager.restore, None
-  e = resume(state(dict(params, head={"kernel": jnp.ones((4, 7))})))
-  ckpt.manager.restore = orbax_restore
+  try:
+    e = resume(state(dict(params, head={"kernel": jnp.ones((4, 7))})))
+  finally:
+    ckpt.manager.restore = orbax_restore
   assert e.shapes[0] == ("['params']['head']['kernel']", (4, 5), (4, 7)), e.shapes
   assert not e.missing and not e.unexpected
   assert "other shapes ['params']['head']['kernel'] (4, 5) (config: (4, 7))" in str(e)

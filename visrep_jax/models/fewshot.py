@@ -419,7 +419,8 @@ class CrossTransformer(nn.Module):
   time; checkpoint + chunk 5 1.6 GiB and 1.49x; fused remat without chunks 16.9 GiB, more than
   plain. So set ``query_chunk_size`` whenever ``remat`` is on. ``class_sum_impl`` picks Eq. (2)'s
   class sum (``_class_sum``: 'segment' or 'matmul'; None: segment on CPU, matmul elsewhere).
-  Neither changes a value or a gradient (up to float rounding of reordered sums).
+  None of these options changes a value or a gradient (up to float rounding of reordered sums;
+  'segment' on GPU adds in a varying order).
 
   Ambiguities (spec crosstransformers.md §1.3 and §8) and the choices made:
   * "normalized keys and queries" (L246-247, §8.1) vs. Eq. (1)'s division by tau = sqrt(d_k):
