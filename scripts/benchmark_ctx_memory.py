@@ -128,6 +128,17 @@ def compiled_step(args, config, num_queries):
   return step, compiled, time.perf_counter() - t0
 
 
+def median_seconds(fn, steps: int) -> float:
+  """Median wall time of ``steps`` calls of ``fn`` (results blocked on) after one warm-up."""
+  jax.block_until_ready(fn())
+  samples = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    samples.append(time.perf_counter() - t0)
+  return statistics.median(samples)
+
+
 def gib(n):
   return f"{n / 2**30:9.3f} GiB"
 
@@ -184,19 +195,13 @@ def time_report(args):
     try:
       params = model.init(jax.random.PRNGKey(0), *data[:4], args.ways)["params"]
       step = jax.jit(make_train_step(model, args.ways))
-      jax.block_until_ready(step(params, *data))
-      samples = []
-      for _ in range(args.steps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(step(params, *data))
-        samples.append(time.perf_counter() - t0)
+      times[name] = median_seconds(lambda: step(params, *data), args.steps)
     except Exception as e:  # pylint: disable=broad-except
       print(f"{name:>14}: did not run ({failure(e)})")
       if name == "plain":
         print("the plain step must run for the slowdowns: lower --time_queries")
         return times
       continue
-    times[name] = statistics.median(samples)
     print(f"{name:>14}: {times[name] * 1e3:9.1f} ms  slowdown vs plain "
           f"{times[name] / times['plain']:5.2f}x (target <= 1.30x)")
   return times
@@ -216,13 +221,7 @@ def class_sum_report(args):
     seg = jnp.asarray(np.arange(args.support) % ways, jnp.int32)
     for impl in ("segment", "matmul"):
       fn = jax.jit(functools.partial(fewshot._class_sum, seg=seg, num_classes=ways, impl=impl))
-      jax.block_until_ready(fn(x))
-      samples = []
-      for _ in range(args.steps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(x))
-        samples.append(time.perf_counter() - t0)
-      times[(ways, impl)] = statistics.median(samples)
+      times[(ways, impl)] = median_seconds(lambda: fn(x), args.steps)
     print(f"  {ways:4d} classes: segment {times[(ways, 'segment')] * 1e3:8.1f} ms, matmul "
           f"{times[(ways, 'matmul')] * 1e3:8.1f} ms, matmul / segment "
           f"{times[(ways, 'matmul')] / times[(ways, 'segment')]:5.2f}x")

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# One-shot accelerator check, sized for a short GPU lease (about 7 minutes on one H200 after the
-# machine starts; each section has its own timeout, 10 minutes at most in all), in this order:
+# One-shot accelerator check, sized for a short GPU lease: each section has its own timeout,
+# 590 s in all (a device call's limit is 600 s). On one H200 on 2026-11-27, in an earlier layout,
+# the CTX section took 65 s, the tests about 245 s (over two calls) and DeiT 62 s; this layout
+# has not yet run as a whole. In this order:
 #   1. versions (JAX, flax, optax, orbax, torch, timm) and the GPU;
 #   2. CrossTransformer train-step memory (XLA memory analysis) and time at a full 50-query
 #      episode, with and without remat / query chunking (issue 5 target), the two class-sum

@@ -107,7 +107,18 @@ def earlier_result(name: str, out_dir: str, extra: List[str]) -> Optional[Dict[s
   workdir = os.path.join(out_dir, name)
   stored = _read_timing(name, os.path.join(workdir, "timing.json"))
   m = final_metrics(workdir)
-  if not stored or not stored.get("complete") or stored.get("args") != extra or not m:
+  if not stored or not m:
+    return None
+  why = None
+  if "complete" not in stored:
+    why = ("its timing.json predates the record of finished runs; rerun with "
+           f"--families={name} to list it (a finished run resumes and only evaluates)")
+  elif not stored["complete"]:
+    why = f"it did not finish; rerun with --families={name} to resume it"
+  elif stored.get("args") != extra:
+    why = f"it was trained with other overrides ({' '.join(stored.get('args') or []) or 'none'})"
+  if why:
+    print(f"[{name}] the earlier run in {workdir} is not in the table: {why}.", flush=True)
     return None
   return {"family": name, "what": what, "config": config, "target": target, "earlier": True,
           "wall_s": stored["wall_s"], "cpu_s": stored["cpu_s"], **m}

@@ -403,7 +403,15 @@ def test_resume_with_another_model_is_one_error_naming_the_differences(tmp_path)
   best = ckpt_lib.Checkpointer(str(tmp_path / "w" / "best"), async_save=False)
   assert best.config_json() == str(tmp_path / "w" / "config.json")
   best.close()
-  assert ckpt_lib.Checkpointer(str(tmp_path / "v"), async_save=False).config_json() is None
+  none = ckpt_lib.Checkpointer(str(tmp_path / "v"), async_save=False)
+  assert none.config_json() is None
+  none.close()
+  # An empty dict facing a filled one is not listed itself, the entries under it are; an empty
+  # dict facing nothing is (a checkpoint from before the EMA existed).
+  w = np.zeros(2)
+  assert ckpt_lib._differences({"ema": {}}, {"ema": {"w": w}}) == (["['ema']['w']"], [], [])
+  assert ckpt_lib._differences({"ema": {"w": w}}, {"ema": {}}) == ([], ["['ema']['w']"], [])
+  assert ckpt_lib._differences({}, {"ema": {}}) == (["['ema']"], [], [])
 
 
 def test_exponential_schedule_matches_tensorflow_exponential_decay():

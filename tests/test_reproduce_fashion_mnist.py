@@ -57,7 +57,7 @@ def test_unknown_family_is_an_error(capsys):
 
 @pytest.mark.skipif(sources.find_fashion_mnist_dir() is None,
                     reason="Fashion-MNIST IDX files not installed (make data)")
-def test_smoke_run_writes_the_table(tmp_path):
+def test_smoke_run_writes_the_table(tmp_path, capsys):
   mod = _script()
   out = tmp_path / "fm"
   # A family trained to the end earlier into the same --out with the same overrides keeps its
@@ -67,8 +67,10 @@ def test_smoke_run_writes_the_table(tmp_path):
 
   def earlier(family, complete, args, top1=0.931, tail=""):
     (out / family).mkdir(parents=True)
-    (out / family / "timing.json").write_text(json.dumps(
-        {"wall_s": 1698.0, "cpu_s": 3240.0, "complete": complete, "args": args}))
+    record = {"wall_s": 1698.0, "cpu_s": 3240.0}
+    if complete is not None:  # None: a timing.json from before the complete/args record
+      record.update(complete=complete, args=args)
+    (out / family / "timing.json").write_text(json.dumps(record))
     (out / family / "metrics.jsonl").write_text(
         json.dumps({"step": 100, "train/loss": 0.5}) + "\n"
         + json.dumps({"step": 10318, "eval/top1": top1}) + "\n" + tail)
@@ -77,7 +79,16 @@ def test_smoke_run_writes_the_table(tmp_path):
   earlier("cait", False, smoke)
   earlier("deit", True, [])
   earlier("resmlp", True, smoke + ["--config.seed=1"])
+  earlier("patchconvnet", None, None)
   results = mod.main(["--families=deit3", f"--out={out}", "--smoke"])
+  said = capsys.readouterr().out
+  # Each earlier run left out says why, in one line.
+  for family, why in (("cait", "it did not finish; rerun with --families=cait to resume it."),
+                      ("deit", "it was trained with other overrides (none)."),
+                      ("resmlp", "it was trained with other overrides (--config.total_epochs=0"),
+                      ("patchconvnet", "its timing.json predates the record of finished runs; "
+                                       "rerun with --families=patchconvnet to list it")):
+    assert f"[{family}] the earlier run in {out / family} is not in the table: {why}" in said, said
   assert [r["family"] for r in results] == ["deit3"]
   r = results[0]
   assert r["step"] == 3 and 0.0 <= r["top1"] <= 1.0 and r["cpu_s"] > 0 and r["wall_s"] > 0
@@ -87,7 +98,7 @@ def test_smoke_run_writes_the_table(tmp_path):
           "54.0 |") in table
   assert table.index("| deit3 |") < table.index("| resnet (earlier run) |")
   assert "| cait" not in table and "| deit |" not in table and "| deit (" not in table
-  assert "| resmlp" not in table
+  assert "| resmlp" not in table and "| patchconvnet" not in table
   # Rerunning resumes the finished run (no retraining) and accumulates the timing.
   again = mod.main(["--families=deit3", f"--out={out}", "--smoke"])
   assert again[0]["step"] == 3 and again[0]["wall_s"] > r["wall_s"]

@@ -51,12 +51,19 @@ def _leaves(tree) -> Dict[str, Any]:
 
 
 def _differences(stored, wanted):
-  """(missing, unexpected, shapes) between two trees of arrays / shape structs / metadata."""
+  """(missing, unexpected, shapes) between two trees of arrays / shape structs / metadata. An
+  empty dict facing a filled one (``ema={}`` against an EMA, no BatchNorm statistics against
+  some) is not listed itself: the other side's entries under it are."""
   s, w = _leaves(stored), _leaves(wanted)
+
+  def only_here(k, here, there):
+    return k not in there and not (isinstance(here[k], dict) and
+                                   any(o.startswith(k) for o in there))
+
   # Parameters and model state first, then the optimizer's moments, then the weight EMA.
   order = lambda k: (k.startswith("['ema']"), k.startswith("['opt_state']"), k)
-  missing = sorted((k for k in w if k not in s), key=order)
-  unexpected = sorted((k for k in s if k not in w), key=order)
+  missing = sorted((k for k in w if only_here(k, w, s)), key=order)
+  unexpected = sorted((k for k in s if only_here(k, s, w)), key=order)
   shapes = sorted(((k, tuple(s[k].shape), tuple(w[k].shape)) for k in w
                    if k in s and hasattr(s[k], "shape") and hasattr(w[k], "shape")
                    and tuple(s[k].shape) != tuple(w[k].shape)), key=lambda t: order(t[0]))
@@ -270,24 +277,22 @@ def load_variables(path: str, abstract_params: Any, abstract_model_state: Any = 
                                              if k not in ("params", "step", "opt_state")}
 
   def place(key, a, x):
-    if tuple(a.shape) != tuple(x.shape):
-      raise CheckpointMismatchError(f"{jax.tree_util.keystr(key)} has shape {tuple(x.shape)}, "
-                                    f"the model's {tuple(a.shape)}")
     x = np.asarray(x, dtype=a.dtype)  # e.g. float32 weights into bfloat16 parameters
     sharding = getattr(a, "sharding", None)
     return jax.device_put(x, sharding) if sharding is not None else x
 
   def restore(abstract, stored, what):
-    a_flat = dict(jax.tree_util.tree_flatten_with_path(abstract)[0])
-    s_flat = dict(jax.tree_util.tree_flatten_with_path(stored)[0])
-    missing = sorted(jax.tree_util.keystr(k) for k in a_flat if k not in s_flat)
-    extra = sorted(jax.tree_util.keystr(k) for k in s_flat if k not in a_flat)
+    missing, extra, shapes = _differences(stored, abstract)
     if missing or extra:
       raise CheckpointMismatchError(
-          f"checkpoint {path} does not match the model's {what}: missing {missing[:8]}"
-          f"{' ...' if len(missing) > 8 else ''}, unexpected {extra[:8]}"
-          f"{' ...' if len(extra) > 8 else ''} ({_mismatch_hint(missing, extra)})",
+          f"checkpoint {path} does not match the model's {what}: missing {_listing(missing, 8)}"
+          f", unexpected {_listing(extra, 8)} ({_mismatch_hint(missing, extra)})",
           missing, extra)
+    if shapes:
+      raise CheckpointMismatchError(
+          f"checkpoint {path} does not match the model's {what}: " + ", ".join(
+              f"{k} has shape {a}, the model's {b}" for k, a, b in shapes[:4])
+          + (" ..." if len(shapes) > 4 else ""), shapes=shapes)
     try:
       return jax.tree_util.tree_map_with_path(place, abstract, stored)
     except ValueError as e:
